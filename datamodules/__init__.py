@@ -1,0 +1,1 @@
+"""LightningDataModules of lit_divnorm: CIFAR-10/100, Penn Treebank, super-resolution sets."""

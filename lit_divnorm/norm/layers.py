@@ -1,0 +1,239 @@
+"""``DivisiveNorm``: the unified normalizer as an ``nn.Module``.
+
+Batch, layer, instance, group, divisive and local-response normalization are settings of its
+two fields (see :mod:`lit_divnorm.norm.fields`)::
+
+    v = x - mean_A(x)
+    y = gamma * v / sqrt(sigma^2 + eps + mean_B(v^2)) + beta
+
+Shapes: input ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)`` with ``C = num_features``;
+output the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_divnorm.norm.fields import Field, FieldSpec, Window, normalize_window, parse_field
+from lit_divnorm.norm.functional import Border, check_border, check_input, divisive_norm
+from lit_divnorm.norm.sparsity import record_sparsity
+
+
+def _inverse_softplus(value: float) -> float:
+    return value + math.log(-math.expm1(-value))
+
+
+class DivisiveNorm(nn.Module):
+    """Normalize over a summation field and a suppression field, with smoothing ``sigma``.
+
+    Args:
+        num_features: ``C``, the channels (or features) of the input.
+        sum_field: summation field ``A`` (a :class:`Field`, a preset name such as ``"batch"``,
+            ``"layer"``, ``"local"``, a mapping, or ``None`` for no centering).
+        sup_field: suppression field ``B`` (likewise; ``None``: mean subtraction only).
+        sigma: smoothing term under the square root, ``>= 0``.
+        learn_sigma: learn ``sigma`` (kept positive as ``softplus`` of a free parameter;
+            needs ``sigma > 0`` to start from).
+        affine: learn a per-channel ``gamma`` (init 1) and ``beta`` (init 0).
+        l1: weight ``alpha`` of the sparsity penalty ``alpha * mean|v|`` recorded on each
+            training forward (see :mod:`lit_divnorm.norm.sparsity`).
+        window: positional window of every local field (an int, or one int per dimension).
+        sum_window, sup_window: the window of one field only (win over ``window``).
+        groups: number of channel groups of every field with ``channels="groups"``.
+        border: ``"valid"`` (average over positions inside the input) or ``"reference"``
+            (the authors' zero padding and divisors).
+        momentum: update rate of the running statistics of fields that span the batch
+            (torch's convention: ``0.1`` is the paper's decay ``0.9``).
+        eps: numerical floor under the square root.
+        check_finite: raise ``ValueError`` when the input holds NaN or inf.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        sum_field: FieldSpec = "local",
+        sup_field: FieldSpec = "local",
+        *,
+        sigma: float = 0.5,
+        learn_sigma: bool = False,
+        affine: bool = False,
+        l1: float = 0.0,
+        window: Window | None = None,
+        sum_window: Window | None = None,
+        sup_window: Window | None = None,
+        groups: int | None = None,
+        border: Border = "valid",
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int):
+            raise TypeError(f"num_features must be a positive int, got {num_features!r}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features}")
+        _check_number("sigma", sigma, low=0.0)
+        _check_number("l1", l1, low=0.0)
+        _check_number("eps", eps, low=0.0)
+        _check_number("momentum", momentum, low=0.0, high=1.0)
+        check_border(border)
+        if learn_sigma and sigma <= 0:
+            raise ValueError(f"learn_sigma=True needs sigma > 0 to start from, got sigma={sigma}")
+
+        sum_spec = parse_field(sum_field, "sum_field")
+        sup_spec = parse_field(sup_field, "sup_field")
+        sum_spec, sup_spec = _apply_windows(sum_spec, sup_spec, window, sum_window, sup_window)
+        sum_spec, sup_spec = _apply_groups(sum_spec, sup_spec, groups, num_features)
+
+        self.num_features = num_features
+        self.sum_field = sum_spec
+        self.sup_field = sup_spec
+        self.learn_sigma = learn_sigma
+        self.affine = affine
+        self.l1 = float(l1)
+        self.border = border
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.check_finite = check_finite
+        if learn_sigma:
+            self.raw_sigma = nn.Parameter(torch.tensor(_inverse_softplus(float(sigma))))
+        else:
+            self.fixed_sigma = float(sigma)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        for name, field in (("running_mean", sum_spec), ("running_var", sup_spec)):
+            if field is not None and field.batch:
+                init = torch.zeros if name == "running_mean" else torch.ones
+                self.register_buffer(name, init(num_features))
+            else:
+                self.register_buffer(name, None)
+
+    @property
+    def sigma(self) -> float | Tensor:
+        """The smoothing term: a float, or a positive 0-d tensor when learned."""
+        if self.learn_sigma:
+            return F.softplus(self.raw_sigma)
+        return self.fixed_sigma
+
+    def reset_running_stats(self) -> None:
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+        if self.running_var is not None:
+            self.running_var.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, "input")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__} expected input with {self.num_features} channels "
+                f"(num_features) at dim 1, got shape {tuple(x.shape)}"
+            )
+        if self.check_finite and not torch.isfinite(x).all():
+            raise ValueError(
+                f"{type(self).__name__} input holds NaN or inf (check_finite=True), "
+                f"shape {tuple(x.shape)}"
+            )
+        y, v = divisive_norm(
+            x,
+            self.sum_field,
+            self.sup_field,
+            self.sigma,
+            self.eps,
+            self.border,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            training=self.training,
+            momentum=self.momentum,
+            return_centered=True,
+        )
+        record_sparsity(self, v, self.l1)
+        if self.affine:
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+    def extra_repr(self) -> str:
+        def field(spec: Field | None) -> str:
+            return "none" if spec is None else spec.describe()
+
+        sigma = f"learned (now {float(self.sigma):.4g})" if self.learn_sigma else self.fixed_sigma
+        parts = [
+            f"{self.num_features}",
+            f"sum_field={field(self.sum_field)}",
+            f"sup_field={field(self.sup_field)}",
+            *([f"sigma={sigma}"] if self.sup_field is not None else []),
+            f"affine={self.affine}",
+            f"l1={self.l1}",
+            f"border={self.border}",
+            f"eps={self.eps}",
+        ]
+        if self.running_mean is not None or self.running_var is not None:
+            parts.append(f"momentum={self.momentum}")
+        return ", ".join(parts)
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value}")
+
+
+def _apply_windows(
+    sum_field: Field | None,
+    sup_field: Field | None,
+    window: Window | None,
+    sum_window: Window | None,
+    sup_window: Window | None,
+) -> tuple[Field | None, Field | None]:
+    local = [f for f in (sum_field, sup_field) if f is not None and f.is_local]
+    if window is not None:
+        window = normalize_window(window, "window")
+        if not local:
+            raise ValueError(
+                f"window={window!r} given, but neither field has a positional window "
+                f"(sum_field={sum_field}, sup_field={sup_field})"
+            )
+        sum_field = sum_field.replace(window=window) if sum_field in local else sum_field
+        sup_field = sup_field.replace(window=window) if sup_field in local else sup_field
+    for name, value, field in (
+        ("sum_window", sum_window, sum_field),
+        ("sup_window", sup_window, sup_field),
+    ):
+        if value is None:
+            continue
+        value = normalize_window(value, name)
+        if field is None or not field.is_local:
+            raise ValueError(f"{name}={value!r} given, but that field has no positional window")
+        if name == "sum_window":
+            sum_field = field.replace(window=value)
+        else:
+            sup_field = field.replace(window=value)
+    return sum_field, sup_field
+
+
+def _apply_groups(
+    sum_field: Field | None, sup_field: Field | None, groups: int | None, num_features: int
+) -> tuple[Field | None, Field | None]:
+    if groups is not None:
+        grouped = [f for f in (sum_field, sup_field) if f is not None and f.channels == "groups"]
+        if not grouped:
+            raise ValueError(f"groups={groups!r} given, but neither field has channels='groups'")
+        sum_field = sum_field.replace(groups=groups) if sum_field in grouped else sum_field
+        sup_field = sup_field.replace(groups=groups) if sup_field in grouped else sup_field
+    for field in (sum_field, sup_field):
+        if field is not None and field.channels == "groups" and num_features % field.groups:
+            raise ValueError(
+                f"groups={field.groups} must divide num_features={num_features}"
+            )
+    return sum_field, sup_field

@@ -1,0 +1,54 @@
+"""The L1 sparsity penalty on centred activations (Ren et al., ICLR 2017, section 3.2).
+
+A layer with an ``l1`` weight ``alpha`` records ``alpha * mean(|v|)`` on every training
+forward, where ``v = z - mean_A(z)`` is its input centred by its own summation field (for
+the unnormalized "baseline +L1", ``v`` is the raw pre-activation). A model's penalty is the
+sum of these records since the last call of :func:`sparsity_penalty`::
+
+    loss = task_loss + sparsity_penalty(model)
+
+A layer called several times per forward (a normalized RNN cell, once per time step) adds one
+term per call, so the penalty sums over time steps like the summed cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+SPARSITY_TERMS = "sparsity_terms"
+
+
+def record_sparsity(module: nn.Module, activation: Tensor, weight: float) -> None:
+    """Append ``weight * mean(|activation|)`` to ``module.sparsity_terms`` when training."""
+    if weight > 0 and module.training:
+        terms = module.__dict__.setdefault(SPARSITY_TERMS, [])
+        terms.append(weight * activation.abs().mean())
+
+
+def sparsity_penalty(module: nn.Module, clear: bool = True) -> Tensor:
+    """Sum of the sparsity terms recorded by ``module`` and its children (a 0-d tensor).
+
+    With ``clear`` (default) the records are consumed, ready for the next training step.
+    Returns ``0.`` when nothing was recorded (no layer has ``l1 > 0``, or eval mode).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    total: Tensor | None = None
+    for child in module.modules():
+        terms = child.__dict__.get(SPARSITY_TERMS)
+        if not terms:
+            continue
+        for term in terms:
+            total = term if total is None else total + term.to(total.device)
+        if clear:
+            terms.clear()
+    return torch.zeros(()) if total is None else total
+
+
+def clear_sparsity(module: nn.Module) -> None:
+    """Drop every recorded term (e.g. before a training step, after an unused forward)."""
+    for child in module.modules():
+        terms = child.__dict__.get(SPARSITY_TERMS)
+        if terms:
+            terms.clear()
