@@ -1,0 +1,100 @@
+"""``NormalizedTask``: what every task of the project shares.
+
+* the wrapped ``self.model`` (a plain ``nn.Module`` whose norm slots come from the registry);
+* the loss ``task_loss + sparsity_penalty(model)`` (the paper's L1 on centred activations);
+* logging of the L1 term and of every learned ``sigma``;
+* the optimizer and LR schedule injected from the CLI (``OptimizerCallable`` /
+  ``LRSchedulerCallable``), with the schedule stepped per iteration by default, since the
+  paper counts its step boundaries in iterations.
+
+Subclasses implement ``_shared_step(batch, stage)`` returning the task loss; the base class
+adds the penalty in training and logs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lit_divnorm.norm.layers import DivisiveNorm
+from lit_divnorm.norm.sparsity import clear_sparsity, sparsity_penalty
+
+Stage = Literal["train", "val", "test"]
+
+
+def _default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+
+class NormalizedTask(LightningModule):
+    """Base LightningModule of the project's tasks.
+
+    Args:
+        optimizer: builds the optimizer from the parameters (default SGD, lr 1e-3,
+            momentum 0.9, the paper's CIFAR setting).
+        lr_scheduler: builds the LR schedule from the optimizer, or ``None``.
+        scheduler_interval: ``"step"`` (default; the paper's boundaries are iterations) or
+            ``"epoch"``.
+    """
+
+    model: nn.Module
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
+            )
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+
+    def _shared_step(self, batch: Any, stage: Stage) -> Tensor:
+        """Compute and log the task loss of one batch (without the sparsity penalty)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        clear_sparsity(self.model)
+        loss = self._shared_step(batch, "train")
+        penalty = sparsity_penalty(self.model)
+        self.log("train/l1", penalty, on_step=True, on_epoch=True)
+        self.log_sigmas()
+        return loss + penalty
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def learned_sigmas(self) -> dict[str, Tensor]:
+        """``{module name: sigma}`` for every norm layer of the model with a learned sigma."""
+        return {
+            name: module.sigma
+            for name, module in self.model.named_modules()
+            if isinstance(module, DivisiveNorm) and module.learn_sigma
+        }
+
+    def log_sigmas(self) -> None:
+        for name, sigma in self.learned_sigmas().items():
+            self.log(f"sigma/{name}", sigma.detach(), on_step=True, on_epoch=False)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }

@@ -1,0 +1,32 @@
+"""Shared test fixtures.
+
+``shared_data`` is the folder of real data files (``../shared/data`` beside the repository, or
+``$LIT_DIVNORM_SHARED_DATA``); tests that use it skip with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("LIT_DIVNORM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent (set LIT_DIVNORM_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
