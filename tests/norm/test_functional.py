@@ -1,0 +1,178 @@
+"""divisive_norm against the loop-based reference of the paper's equations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_divnorm.norm import Field, divisive_norm
+from tests.norm.reference import RefField, ref_divisive_norm
+
+SIGMA, EPS = 0.3, 1e-6
+
+
+def _check(x: torch.Tensor, sum_field, sup_field, ref_sum, ref_sup, border="valid", sigma=SIGMA):
+    got = divisive_norm(x, sum_field, sup_field, sigma=sigma, eps=EPS, border=border)
+    want = ref_divisive_norm(x.numpy(), ref_sum, ref_sup, sigma=sigma, eps=EPS, border=border)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("border", ["valid", "reference"])
+@pytest.mark.parametrize("window", [1, 2, 3, 4, 5, (3, 2), (1, 4)])
+def test_2d_local_window_matches_loop(window, border):
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    per_dim = window if isinstance(window, tuple) else (window, window)
+    field = Field(channels="all", positions="window", window=window)
+    ref = RefField(channels="all", positions="window", window=per_dim)
+    _check(x, field, field, ref, ref, border)
+
+
+@pytest.mark.parametrize("border", ["valid", "reference"])
+def test_2d_different_sum_and_sup_windows_match_loop(border):
+    """SR's DN* (sum 5x5, sup 7x7): the reference border divides the sup sum by 5x5."""
+    x = torch.randn(1, 2, 8, 9, dtype=torch.float64)
+    sum_field = Field(channels="all", positions="window", window=5)
+    sup_field = Field(channels="all", positions="window", window=7)
+    ref_sum = RefField(channels="all", positions="window", window=(5, 5))
+    ref_sup = RefField(channels="all", positions="window", window=(7, 7))
+    _check(x, sum_field, sup_field, ref_sum, ref_sup, border)
+
+
+@pytest.mark.parametrize("border", ["valid", "reference"])
+@pytest.mark.parametrize("window", [1, 3, 4, 7])
+def test_1d_positional_window_matches_loop(window, border):
+    x = torch.randn(2, 3, 11, dtype=torch.float64)
+    field = Field(channels="all", positions="window", window=window)
+    ref = RefField(channels="all", positions="window", window=(window,))
+    _check(x, field, field, ref, ref, border)
+
+
+@pytest.mark.parametrize("border", ["valid", "reference"])
+@pytest.mark.parametrize("window", [3, 6, 60])
+def test_feature_vector_window_runs_over_features(window, border):
+    """(N, C) hidden units: the RNN's DN windows over neighbouring units (60 > C too)."""
+    x = torch.randn(3, 13, dtype=torch.float64)
+    field = Field(channels="all", positions="window", window=window)
+    ref = RefField(channels="self", positions="window", window=(window,))
+    _check(x, field, field, ref, ref, border)
+
+
+def test_even_window_has_tensorflow_same_placement():
+    """Width 60 reaches 29 units left and 30 right, as TF SAME padding does."""
+    x = torch.zeros(1, 100, dtype=torch.float64)
+    x[0, 50] = 1.0
+    field = Field(channels="all", positions="window", window=60)
+    v = divisive_norm(x, field, None)
+    # the spike is in the window of unit j iff j - 29 <= 50 <= j + 30, i.e. 20 <= j <= 79
+    touched = (v[0] != 0).nonzero().flatten()
+    assert touched.min().item() == 20 and touched.max().item() == 79
+
+
+@pytest.mark.parametrize(
+    "field, ref",
+    [
+        (Field(channels="window", channel_window=3), RefField(channels="window", channel_window=3)),
+        (Field(channels="window", channel_window=4), RefField(channels="window", channel_window=4)),
+        (Field(channels="groups", groups=2, positions="all"), RefField(channels="groups", positions="all", groups=2)),
+        (Field(channels="self", positions="all"), RefField(channels="self", positions="all")),
+        (Field(channels="all", positions="all"), RefField(channels="all", positions="all")),
+        (Field(batch=True, positions="all"), RefField(batch=True, positions="all")),
+    ],
+)
+@pytest.mark.parametrize("border", ["valid", "reference"])
+def test_channel_group_and_global_fields_match_loop(field, ref, border):
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    _check(x, field, field, ref, ref, border)
+
+
+def test_no_suppression_field_is_mean_subtraction_only():
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    layer = Field(channels="all", positions="all")
+    got = divisive_norm(x, layer, None)
+    torch.testing.assert_close(got, x - x.mean(dim=(1, 2, 3), keepdim=True))
+
+
+def test_no_summation_field_divides_without_centering():
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    layer = Field(channels="all", positions="all")
+    got = divisive_norm(x, None, layer, sigma=0.5)
+    want = x / torch.sqrt(0.25 + (x * x).mean(dim=(1, 2, 3), keepdim=True))
+    torch.testing.assert_close(got, want)
+
+
+def test_reference_border_equals_authors_zero_padded_box_filter():
+    """The released code: channel mean, then conv with ones / (sum window area), SAME pad."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    sum_w, sup_w, sigma = 5, 7, 1.0
+
+    def tf_box(t, width, area):
+        kernel = torch.ones(1, 1, width, width, dtype=t.dtype) / area
+        left, right = (width - 1) // 2, width // 2
+        return F.conv2d(F.pad(t, (left, right, left, right)), kernel)
+
+    mean = tf_box(x.mean(dim=1, keepdim=True), sum_w, sum_w * sum_w)
+    v = x - mean
+    energy = tf_box((v * v).mean(dim=1, keepdim=True), sup_w, sum_w * sum_w)
+    want = v / torch.sqrt(energy + sigma**2)
+    sum_field = Field(channels="all", positions="window", window=sum_w)
+    sup_field = Field(channels="all", positions="window", window=sup_w)
+    got = divisive_norm(x, sum_field, sup_field, sigma=sigma, border="reference")
+    torch.testing.assert_close(got, want)
+
+
+def test_window_larger_than_the_map_spans_everything():
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    local = Field(channels="all", positions="window", window=15)
+    layer = Field(channels="all", positions="all")
+    torch.testing.assert_close(
+        divisive_norm(x, local, local, sigma=0.5), divisive_norm(x, layer, layer, sigma=0.5)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_statistics_in_float32_without_overflow(dtype):
+    x = torch.randn(2, 4, 6, 6) * 1e4  # v^2 ~ 1e8 overflows float16 (max 65504)
+    field = Field(channels="all", positions="window", window=3)
+    got = divisive_norm(x.to(dtype), field, field, sigma=0.5)
+    want = divisive_norm(x.to(dtype).float(), field, field, sigma=0.5)
+    assert got.dtype == dtype
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_gradcheck_with_learned_sigma_tensor():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    field = Field(channels="all", positions="window", window=3)
+    assert torch.autograd.gradcheck(lambda a, s: divisive_norm(a, field, field, sigma=s), (x, sigma))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sigma": -0.1}, "sigma"),
+        ({"sigma": float("nan")}, "sigma"),
+        ({"eps": -1.0}, "eps"),
+        ({"border": "same"}, "border"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    field = Field(channels="all", positions="all")
+    with pytest.raises(ValueError, match=match):
+        divisive_norm(torch.randn(2, 3), field, field, **kwargs)
+
+
+def test_bad_input_rank_and_dtype_raise():
+    field = Field(channels="all", positions="all")
+    with pytest.raises(ValueError, match=r"\(N, C\)"):
+        divisive_norm(torch.randn(5), field, field)
+    with pytest.raises(TypeError, match="floating-point"):
+        divisive_norm(torch.ones(2, 3, dtype=torch.long), field, field)
+
+
+def test_window_tuple_must_match_positional_dims():
+    field = Field(channels="all", positions="window", window=(3, 3))
+    with pytest.raises(ValueError, match="window"):
+        divisive_norm(torch.randn(2, 3, 7), field, field)
