@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 ChannelSpan = Literal["self", "all", "window", "groups"]
 PositionSpan = Literal["self", "all", "window"]
-Window = Union[int, tuple[int, ...]]
+Window = int | tuple[int, ...]
 
 DEFAULT_WINDOW = 3
 DEFAULT_GROUPS = 32
@@ -83,7 +83,9 @@ class Field:
         if not isinstance(self.batch, bool):
             raise TypeError(f"Field batch must be a bool, got {self.batch!r}")
         if self.channels not in _CHANNEL_SPANS:
-            raise ValueError(f"Field channels must be one of {_CHANNEL_SPANS}, got {self.channels!r}")
+            raise ValueError(
+                f"Field channels must be one of {_CHANNEL_SPANS}, got {self.channels!r}"
+            )
         if self.positions not in _POSITION_SPANS:
             raise ValueError(
                 f"Field positions must be one of {_POSITION_SPANS}, got {self.positions!r}"
@@ -104,7 +106,9 @@ class Field:
             width = DEFAULT_CHANNEL_WINDOW if self.channel_window is None else self.channel_window
             object.__setattr__(self, "channel_window", _check_positive_int("channel_window", width))
         elif self.channel_window is not None:
-            raise ValueError(f"Field channel_window={self.channel_window!r} needs channels='window'")
+            raise ValueError(
+                f"Field channel_window={self.channel_window!r} needs channels='window'"
+            )
         if self.batch and self.positions != "all":
             raise ValueError(
                 "a Field that spans the batch must span all positions (positions='all'), "
@@ -159,7 +163,7 @@ PRESETS: dict[str, Field] = {
     "channel": Field(channels="window", positions="self"),
 }
 
-FieldSpec = Union[Field, str, Mapping[str, Any], None]
+FieldSpec = Field | str | Mapping[str, Any] | None
 
 
 def parse_field(spec: FieldSpec, name: str = "field") -> Field | None:
@@ -180,7 +184,9 @@ def parse_field(spec: FieldSpec, name: str = "field") -> Field | None:
         allowed = {f.name for f in dataclasses.fields(Field)}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
-            raise ValueError(f"unknown {name} keys {unknown}; allowed: {sorted(allowed)} and 'preset'")
+            raise ValueError(
+                f"unknown {name} keys {unknown}; allowed: {sorted(allowed)} and 'preset'"
+            )
         if preset is None:
             return Field(**kwargs)
         return parse_field(preset, name).replace(**kwargs)

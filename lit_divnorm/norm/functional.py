@@ -132,7 +132,11 @@ def suppression_divisor(
 ) -> tuple[int, ...] | None:
     """The authors' quirk: in reference mode the suppression window is divided by the
     summation window's area (only differs when the two windows differ)."""
-    if border != "reference" or sum_field is None or not (sum_field.is_local and sup_field.is_local):
+    if (
+        border != "reference"
+        or sum_field is None
+        or not (sum_field.is_local and sup_field.is_local)
+    ):
         return None
     return sum_field.window_for(max(num_positions, 1))
 

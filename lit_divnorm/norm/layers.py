@@ -165,7 +165,7 @@ class DivisiveNorm(nn.Module):
         def field(spec: Field | None) -> str:
             return "none" if spec is None else spec.describe()
 
-        sigma = f"learned (now {float(self.sigma):.4g})" if self.learn_sigma else self.fixed_sigma
+        sigma = f"learned (now {self.sigma.item():.4g})" if self.learn_sigma else self.fixed_sigma
         parts = [
             f"{self.num_features}",
             f"sum_field={field(self.sum_field)}",
@@ -233,7 +233,5 @@ def _apply_groups(
         sup_field = sup_field.replace(groups=groups) if sup_field in grouped else sup_field
     for field in (sum_field, sup_field):
         if field is not None and field.channels == "groups" and num_features % field.groups:
-            raise ValueError(
-                f"groups={field.groups} must divide num_features={num_features}"
-            )
+            raise ValueError(f"groups={field.groups} must divide num_features={num_features}")
     return sum_field, sup_field

@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
@@ -47,7 +47,7 @@ from lit_divnorm.norm.fields import Window, parse_field
 from lit_divnorm.norm.layers import DivisiveNorm
 
 NormFactory = Callable[..., nn.Module]
-NormSpec = Union[str, Mapping[str, Any], NormFactory, None]
+NormSpec = str | Mapping[str, Any] | NormFactory | None
 
 _REGISTRY: dict[str, NormFactory] = {}
 _WINDOW_KEYS = ("window", "sum_window", "sup_window")

@@ -75,7 +75,10 @@ def test_even_window_has_tensorflow_same_placement():
     [
         (Field(channels="window", channel_window=3), RefField(channels="window", channel_window=3)),
         (Field(channels="window", channel_window=4), RefField(channels="window", channel_window=4)),
-        (Field(channels="groups", groups=2, positions="all"), RefField(channels="groups", positions="all", groups=2)),
+        (
+            Field(channels="groups", groups=2, positions="all"),
+            RefField(channels="groups", positions="all", groups=2),
+        ),
         (Field(channels="self", positions="all"), RefField(channels="self", positions="all")),
         (Field(channels="all", positions="all"), RefField(channels="all", positions="all")),
         (Field(batch=True, positions="all"), RefField(batch=True, positions="all")),
@@ -146,7 +149,9 @@ def test_gradcheck_with_learned_sigma_tensor():
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     sigma = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     field = Field(channels="all", positions="window", window=3)
-    assert torch.autograd.gradcheck(lambda a, s: divisive_norm(a, field, field, sigma=s), (x, sigma))
+    assert torch.autograd.gradcheck(
+        lambda a, s: divisive_norm(a, field, field, sigma=s), (x, sigma)
+    )
 
 
 @pytest.mark.parametrize(
