@@ -153,12 +153,11 @@ class DivisiveNorm(nn.Module):
             running_var=self.running_var,
             training=self.training,
             momentum=self.momentum,
+            weight=self.weight,
+            bias=self.bias,
             return_centered=True,
         )
         record_sparsity(self, v, self.l1)
-        if self.affine:
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
 
     def extra_repr(self) -> str:

@@ -7,16 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_divnorm.norm import Field, divisive_norm
+from lit_divnorm.norm import Field, divisive_norm, functional
 from tests.norm.reference import RefField, ref_divisive_norm
 
 SIGMA, EPS = 0.3, 1e-6
 
 
 def _check(x: torch.Tensor, sum_field, sup_field, ref_sum, ref_sup, border="valid", sigma=SIGMA):
-    got = divisive_norm(x, sum_field, sup_field, sigma=sigma, eps=EPS, border=border)
+    """Both the fused kernels and the term-by-term path equal the loop over the equations."""
     want = ref_divisive_norm(x.numpy(), ref_sum, ref_sup, sigma=sigma, eps=EPS, border=border)
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
+    for fused in (True, False):
+        got = divisive_norm(
+            x, sum_field, sup_field, sigma=sigma, eps=EPS, border=border, fused=fused
+        )
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("border", ["valid", "reference"])
@@ -181,3 +185,63 @@ def test_window_tuple_must_match_positional_dims():
     field = Field(channels="all", positions="window", window=(3, 3))
     with pytest.raises(ValueError, match="window"):
         divisive_norm(torch.randn(2, 3, 7), field, field)
+
+
+@pytest.mark.parametrize("border", ["valid", "reference"])
+@pytest.mark.parametrize("windows", [(3, 3), (2, 5), (5, 7), (9, 4)])
+def test_running_sum_box_means_beyond_the_matrix_limit(monkeypatch, windows, border):
+    """Long axes use running sums instead of the cached box matrix: same values, same grads."""
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    sum_field = Field(channels="all", positions="window", window=windows[0])
+    sup_field = Field(channels="all", positions="window", window=windows[1])
+    ref_sum = RefField(channels="all", positions="window", window=(windows[0],) * 2)
+    ref_sup = RefField(channels="all", positions="window", window=(windows[1],) * 2)
+    monkeypatch.setattr(functional, "MATRIX_MAX_LENGTH", 0)
+    _check(x, sum_field, sup_field, ref_sum, ref_sup, border)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a: divisive_norm(a, sum_field, sup_field, sigma=0.5, border=border), (x,)
+    )
+
+
+@pytest.mark.parametrize("border", ["valid", "reference"])
+@pytest.mark.parametrize(
+    "shape, windows", [((2, 3, 5, 6), (3, 5)), ((2, 3, 9), (4, 7)), ((3, 11), (6, 3))]
+)
+def test_fused_local_norm_gradients_match_the_direct_path(shape, windows, border):
+    """The hand-written backward against autograd through the term-by-term equations."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+    sum_field = Field(channels="all", positions="window", window=windows[0])
+    sup_field = Field(channels="all", positions="window", window=windows[1])
+    grad = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        y = divisive_norm(
+            x, sum_field, sup_field, sigma, 1e-3, border, weight=weight, bias=bias, fused=fused
+        )
+        results.append((y, *torch.autograd.grad(y, (x, sigma, weight, bias), grad)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(
+        lambda a, s: divisive_norm(a, sum_field, sup_field, s, 1e-3, border), (x, sigma)
+    )
+
+
+def test_direct_batch_path_equals_torch_batch_norm_with_running_stats():
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    mean, var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    torch_mean, torch_var = mean.clone(), var.clone()
+    batch = Field(batch=True, positions="all")
+    for training in (True, True, False):
+        got = divisive_norm(
+            x, batch, batch, 0.0, 1e-5, running_mean=mean, running_var=var,
+            training=training, momentum=0.1, fused=False,
+        )  # fmt: skip
+        want = F.batch_norm(x, torch_mean, torch_var, None, None, training, 0.1, 1e-5)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(mean, torch_mean)
+        torch.testing.assert_close(var, torch_var)
+        x = x * 2 + 1

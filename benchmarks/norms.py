@@ -1,0 +1,121 @@
+"""Forward+backward time and training memory of every registry norm against torch's peers.
+
+    python benchmarks/norms.py [--repeats 20] [--device cpu|cuda] [--names dn dn* bn ...]
+
+For each of the paper's CIFAR shapes it prints the median time of ``forward + backward`` and
+the memory the layer keeps for backward (bytes of the tensors autograd saves, de-duplicated by
+storage, the input included since every layer keeps it), each next to torch's
+``BatchNorm2d``, ``GroupNorm(1, C)`` and a direct DN (channel mean, ``avg_pool2d`` box means,
+subtract, divide), with ratios against ``GroupNorm(1, C)`` from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_divnorm.norm import build_norm, clear_sparsity, list_norms
+
+SHAPES = [  # (N, C, H, W, window): the paper's three CIFAR layers and a wide window
+    (100, 32, 32, 32, 5),
+    (100, 32, 16, 16, 3),
+    (100, 64, 8, 8, 3),
+    (100, 32, 32, 32, 15),
+]
+
+
+class DirectDN(nn.Module):
+    """The straightforward PyTorch DN the issue measures against (odd windows)."""
+
+    def __init__(self, window: int, sigma: float = 0.5) -> None:
+        super().__init__()
+        self.window, self.sigma = window, sigma
+
+    def box(self, t: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(t, self.window, 1, self.window // 2, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x - self.box(x.mean(1, keepdim=True))
+        return v / torch.sqrt(self.sigma**2 + self.box((v * v).mean(1, keepdim=True)))
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward (the training memory)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    clear_sparsity(module)
+    return sum(storages.values())
+
+
+def time_step(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        x.grad = None
+        module(x).backward(grad)
+        clear_sparsity(module)
+
+    for _ in range(3):
+        step()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def peers(channels: int, window: int) -> dict[str, Callable[[], nn.Module]]:
+    return {
+        "torch BatchNorm2d": lambda: nn.BatchNorm2d(channels),
+        "torch GroupNorm(1,C)": lambda: nn.GroupNorm(1, channels),
+        "direct DN (avg_pool2d)": lambda: DirectDN(window),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--names", nargs="*", default=[n for n in list_norms() if n != "gn"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, float32")
+    print(f"median of {args.repeats} forward+backward; memory = bytes saved for backward")
+    for n, c, h, w, window in SHAPES:
+        x = torch.randn(n, c, h, w, device=device, requires_grad=True)
+        rows: dict[str, tuple[float, int]] = {}
+        factories = peers(c, window)
+        for name in args.names:
+            factories[name] = functools.partial(build_norm, name, c, layer_window=window)
+        for name, make in factories.items():
+            module = make().to(device)
+            rows[name] = (time_step(module, x, args.repeats), saved_bytes(module, x))
+        base_ms, base_mem = rows["torch GroupNorm(1,C)"]
+        print(f"\nshape {n}x{c}x{h}x{w}, window {window}")
+        print(f"{'norm':<24}{'ms':>8}{'x GN':>7}{'MiB saved':>11}{'x GN':>7}")
+        for name, (ms, mem) in rows.items():
+            print(
+                f"{name:<24}{ms:8.2f}{ms / base_ms:7.2f}{mem / 2**20:11.2f}"
+                f"{mem / max(base_mem, 1):7.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
