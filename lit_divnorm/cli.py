@@ -10,12 +10,30 @@ own ``LightningModule`` subclass works the same way.
 
 from __future__ import annotations
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.layer_sync import LayerSync
+
+from lit_divnorm.distributed import NormSync
 
 
 class DivNormCLI(LightningCLI):
-    """LightningCLI with the project's defaults (subclass mode for models and data)."""
+    """LightningCLI with the project's defaults (subclass mode for models and data).
+
+    ``--trainer.sync_batchnorm=true`` synchronizes the batch statistics of the project's own
+    norms too (:class:`~lit_divnorm.distributed.NormSync`), not only torch's BatchNorm.
+    """
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("sync_batchnorm") and "plugins" not in kwargs:
+            plugins = trainer_config.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if not any(isinstance(plugin, LayerSync) for plugin in plugins):
+                kwargs["plugins"] = [*plugins, NormSync()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: list[str] | None = None) -> DivNormCLI:

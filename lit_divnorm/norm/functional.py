@@ -143,11 +143,14 @@ def field_mean(
     field: Field,
     border: Border = "valid",
     divisor_window: Sequence[int] | None = None,
+    sync_batch: bool = False,
 ) -> Tensor:
     """Mean of ``x`` over ``field`` for every unit; broadcasts to ``x``'s shape.
 
     ``divisor_window`` (``border="reference"`` only) replaces the positional window's area in
-    the divisor, to reproduce the authors' suppression-window quirk.
+    the divisor, to reproduce the authors' suppression-window quirk. With ``sync_batch`` and
+    an initialized process group, a field that spans the batch spans the batches of every
+    rank (a differentiable all-reduce, as ``SyncBatchNorm`` does).
     """
     if x.ndim == 2 and field.is_local:
         if field.channels not in ("self", "all"):
@@ -160,10 +163,10 @@ def field_mean(
 
     positions = tuple(range(2, x.ndim))
     mean = x
-    if field.batch:
-        mean = mean.mean(dim=0, keepdim=True)
     if field.positions == "all" and positions:
         mean = mean.mean(dim=positions, keepdim=True)
+    if field.batch:
+        mean = _batch_mean(mean, sync_batch)
     if field.channels == "all":
         mean = mean.mean(dim=1, keepdim=True)
     elif field.channels == "groups":
@@ -176,6 +179,30 @@ def field_mean(
         for dim, width, divisor in zip(positions, windows, divisors):
             mean = box_mean(mean, dim, width, border, divisor)
     return mean
+
+
+def sync_world_size(sync_batch: bool) -> int:
+    """Ranks a synchronized batch statistic spans (1 without an initialized process group)."""
+    if not sync_batch or not torch.distributed.is_available():
+        return 1
+    if not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def _batch_mean(x: Tensor, sync_batch: bool) -> Tensor:
+    if sync_world_size(sync_batch) == 1:
+        return x.mean(dim=0, keepdim=True)
+    from torch.distributed.nn.functional import all_reduce
+
+    total = all_reduce(x.sum(dim=0, keepdim=True))
+    return total / _global_batch_size(x)
+
+
+def _global_batch_size(x: Tensor) -> Tensor:
+    count = torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)
+    torch.distributed.all_reduce(count)
+    return count
 
 
 def _group_mean(x: Tensor, groups: int) -> Tensor:
@@ -217,6 +244,7 @@ def divisive_norm(
     bias: Tensor | None = None,
     return_centered: bool = False,
     fused: bool = True,
+    sync_batch: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The unified normalizer: ``y = (x - mean_A(x)) / sqrt(sigma^2 + eps + mean_B(v^2))``.
 
@@ -237,6 +265,8 @@ def divisive_norm(
         fused: use a fused implementation where one applies (torch's batch/group norm
             kernels for bn/ln/in/gn with a fixed sigma, :class:`LocalDivisiveNorm` for local
             fields over all channels); ``False`` evaluates the equations term by term.
+        sync_batch: fields that span the batch span every rank's batch (see
+            :func:`field_mean`); only matters under an initialized process group.
 
     Returns:
         ``y`` with ``x``'s shape and dtype (float16/bfloat16 inputs are normalized in
@@ -252,13 +282,11 @@ def divisive_norm(
     if dtype in _LOW_PRECISION:
         x = x.float()
     stats = (running_mean, running_var, training, momentum)
-    y = (
-        _fused_norm(x, sum_field, sup_field, sigma, eps, border, weight, bias, *stats)
-        if fused
-        else None
-    )
+    y = None
+    if fused and not (sync_batch and _spans_batch(sum_field, sup_field)):
+        y = _fused_norm(x, sum_field, sup_field, sigma, eps, border, weight, bias, *stats)
     if y is None:
-        y, v = _direct_norm(x, sum_field, sup_field, sigma, eps, border, *stats)
+        y, v = _direct_norm(x, sum_field, sup_field, sigma, eps, border, *stats, sync_batch)
         if weight is not None or bias is not None:
             y = _affine(y, weight, bias)
     elif return_centered:
@@ -270,6 +298,10 @@ def divisive_norm(
             v = x - mean
     y = y.to(dtype)
     return (y, v) if return_centered else y
+
+
+def _spans_batch(*fields: Field | None) -> bool:
+    return any(field is not None and field.batch for field in fields)
 
 
 def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -292,19 +324,23 @@ def _direct_norm(
     running_var: Tensor | None,
     training: bool,
     momentum: float,
+    sync_batch: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The framework's equations term by term (the reference the fused paths are tested on)."""
     v = x
     if sum_field is not None:
-        mean = _batch_statistic(x, sum_field, border, None, running_mean, training, momentum, None)
+        mean = _batch_statistic(
+            x, sum_field, border, None, running_mean, training, momentum, None, True, sync_batch
+        )
         v = x - mean
     y = v
     if sup_field is not None:
         divisor = suppression_divisor(sum_field, sup_field, border, x.ndim - 2)
         unbias = sum_field is not None and sum_field.batch
         energy = _batch_statistic(
-            v * v, sup_field, border, divisor, running_var, training, momentum, unbias
-        )
+            v * v, sup_field, border, divisor, running_var, training, momentum, unbias, True,
+            sync_batch,
+        )  # fmt: skip
         y = v * torch.rsqrt(energy + (sigma * sigma + eps))
     return y, v
 
@@ -319,22 +355,25 @@ def _batch_statistic(
     momentum: float,
     unbias: bool | None,
     update: bool = True,
+    sync_batch: bool = False,
 ) -> Tensor:
     """``field_mean``, or for a batch field with a running buffer, the buffer in eval mode
     (in training the buffer moves towards the batch statistic unless ``update=False``)."""
+    world = sync_world_size(sync_batch) if field.batch else 1
+    if field.batch and training and world == 1:
+        _check_batch_size(x)
     if running is None or not field.batch:
-        if field.batch and training:
-            _check_batch_size(x)
-        return field_mean(x, field, border, divisor)
+        return field_mean(x, field, border, divisor, sync_batch)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     if not training:
         return running.view(shape).to(x.dtype)
-    _check_batch_size(x)
-    mean = field_mean(x, field, border, divisor)
+    mean = field_mean(x, field, border, divisor, sync_batch)
     if not update:
         return mean
     with torch.no_grad():
         values_per_channel = x.numel() // x.shape[1]
+        if world > 1:
+            values_per_channel = int(_global_batch_size(x)) * (values_per_channel // x.shape[0])
         statistic = mean.expand(1, x.shape[1], *mean.shape[2:]).reshape(x.shape[1])
         if unbias:
             statistic = statistic * values_per_channel / (values_per_channel - 1)

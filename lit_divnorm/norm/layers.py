@@ -51,6 +51,9 @@ class DivisiveNorm(nn.Module):
             (torch's convention: ``0.1`` is the paper's decay ``0.9``).
         eps: numerical floor under the square root.
         check_finite: raise ``ValueError`` when the input holds NaN or inf.
+        sync_batch: fields that span the batch average over every rank's batch under an
+            initialized process group (set by :class:`lit_divnorm.distributed.NormSync`,
+            which ``--trainer.sync_batchnorm=true`` installs).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class DivisiveNorm(nn.Module):
         momentum: float = 0.1,
         eps: float = 1e-5,
         check_finite: bool = False,
+        sync_batch: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int):
@@ -100,6 +104,7 @@ class DivisiveNorm(nn.Module):
         self.momentum = float(momentum)
         self.eps = float(eps)
         self.check_finite = check_finite
+        self.sync_batch = sync_batch
         if learn_sigma:
             self.raw_sigma = nn.Parameter(torch.tensor(_inverse_softplus(float(sigma))))
         else:
@@ -156,6 +161,7 @@ class DivisiveNorm(nn.Module):
             weight=self.weight,
             bias=self.bias,
             return_centered=True,
+            sync_batch=self.sync_batch,
         )
         record_sparsity(self, v, self.l1)
         return y
