@@ -1,7 +1,7 @@
 """Recurrent layers (tanh RNN, ReLU RNN, LSTM) with registry norms placed as in the paper.
 
-Where a norm sits (Ren et al., ICLR 2017, section 5.2; PAPER.md section 2) depends on the kind
-of norm, which the layers read off the built module when ``placement="auto"``:
+Where a norm sits (Ren et al., ICLR 2017; PAPER.md section 2; the authors' PTB code) depends on
+the kind of norm, which the layers read off the built module when ``placement="auto"``:
 
 * a norm whose statistics span the mini-batch (``bn``, ``bn-s``, ``bn-l1``, ``bn*``, ...)
   normalizes the input projection ``W_x x`` and the hidden projection ``W_h h`` separately,
@@ -11,7 +11,11 @@ of norm, which the layers read off the built module when ``placement="auto"``:
   same without per-step statistics (``"projections"``: the 4 gates normalized jointly);
 * every other norm (``ln-s``, ``ln*``, ``dn``, ``dn*``, ``baseline-l1``, ``none``, or any norm
   built with ``affine: false``) normalizes the joint pre-activation ``W_x x + W_h h + b``
-  (``"joint"`` for an RNN; ``"gates"`` for an LSTM: each gate separately).
+  (``"joint"`` for an RNN; ``"gates"`` for an LSTM: each gate separately). The PTB configs
+  build LN +L1 with ``affine: false``, as the authors' code does, so it lands here.
+
+The rule matches the paper's split exactly (BN/LN with ``gamma, beta`` vs. LN-s/LN*/DN/DN*
+without); pass ``placement`` explicitly to try another combination.
 
 In an LSTM the cell is normalized before its ``tanh`` too; ``"projections"`` carries the
 normalized cell, ``"gates"`` the unnormalized one, as the authors' code does::
