@@ -1,1 +1,3 @@
 """tasks of lit_divnorm."""
+
+from lit_divnorm.tasks.classification import ClassificationTask as ClassificationTask
