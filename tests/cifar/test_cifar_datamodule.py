@@ -136,6 +136,17 @@ def test_missing_files_without_download_say_what_to_put_where(tmp_path):
     assert "data_batch_1" in message and "test_batch" in message and "download=False" in message
 
 
+def test_present_files_never_touch_the_network(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("prepare_data must not download when the files are present")
+
+    monkeypatch.setattr(cifar_files.urllib.request, "urlopen", no_network)
+    write_cifar10(tmp_path, batches=(1,), n=5)
+    CIFAR10DataModule(tmp_path).prepare_data()
+    write_cifar100(tmp_path, n_train=5, n_test=5)
+    CIFAR100DataModule(tmp_path).prepare_data()
+
+
 def test_failed_download_gives_a_clear_error(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("no network in this test")

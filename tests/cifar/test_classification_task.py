@@ -142,3 +142,8 @@ def test_checkpoint_test_reproduces_logged_accuracy(tmp_path):
             fresh_correct += int((fresh(images).argmax(1) == labels).sum())
     assert correct / len(test.datamodule.test_set) == pytest.approx(logged_test)
     assert correct != fresh_correct  # training changed the predictions: the check has teeth
+
+    # the checkpoint also restores without the CLI, from its saved hyper-parameters
+    restored = ClassificationTask.load_from_checkpoint(checkpoint).eval()
+    for name, value in restored.state_dict().items():
+        assert torch.equal(value, state[name])
