@@ -17,6 +17,9 @@ Every norm slot of stage ``s`` gets the stage's DN window (7, 5, 5) and the fina
 own (5), used only when the chosen norm has a local field. A learned sigma (the released DN
 configs: init 0.5 on CIFAR-10, 2.0 on CIFAR-100) is a norm override:
 ``norm={"name": "dn", "sigma": 0.5, "learn_sigma": True}``.
+
+The released code decays only conv and FC weights (``wd * ||w||^2 / 2``); our configs use
+SGD's ``weight_decay`` (the same gradient) on every parameter, norm parameters included.
 """
 
 from __future__ import annotations
