@@ -1,3 +1,4 @@
 """tasks of lit_divnorm."""
 
 from lit_divnorm.tasks.language_model import LanguageModelTask as LanguageModelTask
+from lit_divnorm.tasks.classification import ClassificationTask as ClassificationTask

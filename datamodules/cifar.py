@@ -1,0 +1,406 @@
+"""CIFAR-10 and CIFAR-100 as LightningDataModules (one shared base, two small subclasses).
+
+    data_dir/cifar-10-batches-py/{data_batch_1..5, test_batch}     CIFAR10DataModule
+    data_dir/cifar-100-python/{train, test}                         CIFAR100DataModule
+
+``prepare_data`` downloads the official archive when the files are missing (and ``download``
+is true); when it cannot, it raises ``FileNotFoundError`` naming the files to place and the
+folder. ``setup`` reads the pickles with the project's own safe reader
+(:mod:`datamodules.cifar_files`): nothing in a data file is executed, and files are validated
+by shape, dtype and label range rather than by MD5, so a re-packed local copy works.
+
+Preprocessing (batches are ``(N, 3, 32, 32)`` float32 images and ``(N,)`` int64 labels):
+
+* ``"paper"``: ``x - mean_image`` on the 0-255 scale, no augmentation (Ren et al., 2017).
+  The mean image is the per-pixel mean over the training images actually trained on (the
+  authors' code averaged over train and test together; we keep the test set out of it).
+* ``"resnet"``: ``x / 255``; training images also get a random crop of the image zero-padded
+  by 4 pixels and a random horizontal flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.cifar_files import CifarArchive, CifarArrays, download_archive, read_batches
+
+Preprocessing = Literal["paper", "resnet"]
+PREPROCESSINGS: tuple[str, ...] = ("paper", "resnet")
+Transform = Callable[[Tensor], Tensor]
+
+
+class SubtractMeanImage:
+    """``x - mean`` on the 0-255 scale; ``x`` uint8 and ``mean`` float, both ``(3, 32, 32)``."""
+
+    def __init__(self, mean: Tensor) -> None:
+        self.mean = mean
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return image.float() - self.mean
+
+
+class ScaleToUnit:
+    """``x / 255``: uint8 ``(3, H, W)`` to float in ``[0, 1]``."""
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return image.float() / 255.0
+
+
+class RandomCropFlip:
+    """Random ``H x W`` crop of the image zero-padded by ``padding``, then a flip with p = 1/2."""
+
+    def __init__(self, padding: int = 4) -> None:
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+        self.padding = padding
+
+    def __call__(self, image: Tensor) -> Tensor:
+        _, height, width = image.shape
+        pad = self.padding
+        padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+        top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
+        crop = padded[:, top : top + height, left : left + width]
+        if torch.rand(()) < 0.5:
+            crop = crop.flip(-1)
+        return crop
+
+
+class Compose:
+    def __init__(self, *transforms: Transform) -> None:
+        self.transforms = transforms
+
+    def __call__(self, image: Tensor) -> Tensor:
+        for transform in self.transforms:
+            image = transform(image)
+        return image
+
+
+class CifarDataset(Dataset):
+    """Images uint8 ``(N, 3, 32, 32)`` and labels ``(N,)``; item ``i`` is
+    ``(transform(images[i]), labels[i])``."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Transform) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"images and labels must have the same length, got {images.shape[0]} "
+                f"and {labels.shape[0]}"
+            )
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+class CifarDataModule(LightningDataModule):
+    """Shared base of the CIFAR datamodules; subclasses say where their files are.
+
+    Args:
+        data_dir: folder that holds (or will hold) the dataset's official folder.
+        batch_size: images per batch (the paper: 100).
+        num_workers, pin_memory: passed to every ``DataLoader``.
+        drop_last: drop the last incomplete training batch.
+        val_size: training images held out for validation (e.g. 5000 for a 45k/5k split);
+            0 (default, as in the paper) means no validation loop.
+        split_seed: seed of the random train/validation split.
+        preprocessing: ``"paper"`` (mean image subtracted, 0-255) or ``"resnet"`` (/255,
+            pad-4 random crop and flip for training).
+        download: let ``prepare_data`` fetch the official archive when files are missing.
+    """
+
+    archive: ClassVar[CifarArchive]
+    num_classes: int
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        batch_size: int = 100,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        val_size: int = 0,
+        split_seed: int = 0,
+        preprocessing: Preprocessing = "paper",
+        download: bool = True,
+    ) -> None:
+        super().__init__()
+        if preprocessing not in PREPROCESSINGS:
+            raise ValueError(
+                f"preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}"
+            )
+        self.data_dir = Path(data_dir)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.pin_memory = bool(pin_memory)
+        self.drop_last = bool(drop_last)
+        self.val_size = _check_int("val_size", val_size, 0)
+        self.split_seed = _check_int("split_seed", split_seed, 0)
+        self.preprocessing = preprocessing
+        self.download = bool(download)
+        self.train_set: CifarDataset | None = None
+        self.val_set: CifarDataset | None = None
+        self.test_set: CifarDataset | None = None
+        self.mean_image: Tensor | None = None
+
+    # -- what subclasses define ------------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        """The dataset's official folder inside ``data_dir``."""
+        return self.data_dir / self.archive.folder
+
+    def train_files(self) -> list[Path]:
+        raise NotImplementedError
+
+    def test_files(self) -> list[Path]:
+        raise NotImplementedError
+
+    def expected_files(self) -> list[str]:
+        """Names (inside :attr:`folder`) of the files the dataset needs, for error messages."""
+        raise NotImplementedError
+
+    def read(self, paths: Sequence[Path]) -> CifarArrays:
+        raise NotImplementedError
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def _missing(self) -> bool:
+        try:
+            return not (self.train_files() and self.test_files())
+        except FileNotFoundError:
+            return True
+
+    def prepare_data(self) -> None:
+        """Download the official archive when the files are missing, or say what to place where."""
+        if not self._missing():
+            return
+        reason = "downloading is switched off (download=False)"
+        if self.download:
+            try:
+                download_archive(self.archive, self.data_dir)
+            except RuntimeError as error:
+                reason = str(error)
+            if not self._missing():
+                return
+        raise FileNotFoundError(
+            f"{type(self).__name__}: the CIFAR files are missing from {self.folder} and "
+            f"could not be fetched ({reason}). Put {', '.join(self.expected_files())} there "
+            f"(unpack {self.archive.url} into {self.data_dir})."
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train = self.read(self.train_files())
+        test = self.read(self.test_files())
+        images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels)
+        val_images = val_labels = None
+        if self.val_size:
+            if self.val_size >= len(train):
+                raise ValueError(
+                    f"val_size must be smaller than the {len(train)} training images, "
+                    f"got {self.val_size}"
+                )
+            generator = torch.Generator().manual_seed(self.split_seed)
+            order = torch.randperm(len(train), generator=generator)
+            val_index, train_index = order[: self.val_size], order[self.val_size :]
+            val_images, val_labels = images[val_index], labels[val_index]
+            images, labels = images[train_index], labels[train_index]
+        train_transform, eval_transform = self._transforms(images)
+        self.train_set = CifarDataset(images, labels, train_transform)
+        if val_images is not None:
+            self.val_set = CifarDataset(val_images, val_labels, eval_transform)
+        self.test_set = CifarDataset(
+            torch.from_numpy(test.images), torch.from_numpy(test.labels), eval_transform
+        )
+
+    def _transforms(self, train_images: Tensor) -> tuple[Transform, Transform]:
+        if self.preprocessing == "paper":
+            self.mean_image = train_images.double().mean(dim=0).float()
+            transform = SubtractMeanImage(self.mean_image)
+            return transform, transform
+        return Compose(ScaleToUnit(), RandomCropFlip(4)), ScaleToUnit()
+
+    def _loader(self, dataset: CifarDataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before the dataloaders")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=self.drop_last and train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out split, or ``[]`` (no validation) when ``val_size`` is 0."""
+        if self.val_size == 0:
+            return []
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+class CIFAR10DataModule(CifarDataModule):
+    """CIFAR-10 from ``data_dir/cifar-10-batches-py`` (10 classes, 32x32 RGB).
+
+    Args:
+        train_batches: which ``data_batch_N`` files (N in 1..5) to train on. ``None``
+            (default) takes every ``data_batch_N`` present, so a folder with only some of
+            the five training batches (e.g. the project's shared ``data_batch_1``) can be
+            trained on; a warning says when fewer than five are found.
+        **kwargs: see :class:`CifarDataModule`.
+    """
+
+    archive = CifarArchive(
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        folder="cifar-10-batches-py",
+    )
+    num_classes = 10
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        batch_size: int = 100,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        val_size: int = 0,
+        split_seed: int = 0,
+        preprocessing: Preprocessing = "paper",
+        download: bool = True,
+        train_batches: list[int] | None = None,
+    ) -> None:
+        super().__init__(
+            data_dir,
+            batch_size,
+            num_workers,
+            pin_memory,
+            drop_last,
+            val_size,
+            split_seed,
+            preprocessing,
+            download,
+        )
+        if train_batches is not None:
+            bad = [b for b in train_batches if isinstance(b, bool) or b not in range(1, 6)]
+            if not train_batches or bad:
+                raise ValueError(
+                    f"train_batches must be a non-empty list of ints in 1..5, got {train_batches!r}"
+                )
+        self.train_batches = train_batches
+
+    def expected_files(self) -> list[str]:
+        return [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+    def train_files(self) -> list[Path]:
+        if self.train_batches is None:
+            found = [self.folder / f"data_batch_{i}" for i in range(1, 6)]
+            found = [path for path in found if path.is_file()]
+            if not found:
+                raise FileNotFoundError(f"no data_batch_1..5 file in {self.folder}")
+            if len(found) < 5:
+                rank_zero_warn(
+                    f"CIFAR-10: training on {len(found)} of the 5 training batches found in "
+                    f"{self.folder} ({', '.join(p.name for p in found)})"
+                )
+            return found
+        paths = [self.folder / f"data_batch_{i}" for i in self.train_batches]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"CIFAR-10 files {missing} are missing from {self.folder}")
+        return paths
+
+    def test_files(self) -> list[Path]:
+        path = self.folder / "test_batch"
+        if not path.is_file():
+            raise FileNotFoundError(f"CIFAR-10 file test_batch is missing from {self.folder}")
+        return [path]
+
+    def read(self, paths: Sequence[Path]) -> CifarArrays:
+        return read_batches(paths, "labels", self.num_classes)
+
+
+class CIFAR100DataModule(CifarDataModule):
+    """CIFAR-100 from ``data_dir/cifar-100-python`` (``train`` and ``test`` files).
+
+    Args:
+        label_type: ``"fine"`` (100 classes, the paper's) or ``"coarse"`` (20 superclasses).
+        **kwargs: see :class:`CifarDataModule`.
+    """
+
+    archive = CifarArchive(
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        folder="cifar-100-python",
+    )
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        batch_size: int = 100,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        val_size: int = 0,
+        split_seed: int = 0,
+        preprocessing: Preprocessing = "paper",
+        download: bool = True,
+        label_type: Literal["fine", "coarse"] = "fine",
+    ) -> None:
+        super().__init__(
+            data_dir,
+            batch_size,
+            num_workers,
+            pin_memory,
+            drop_last,
+            val_size,
+            split_seed,
+            preprocessing,
+            download,
+        )
+        if label_type not in ("fine", "coarse"):
+            raise ValueError(f"label_type must be 'fine' or 'coarse', got {label_type!r}")
+        self.label_type = label_type
+        self.num_classes = 100 if label_type == "fine" else 20
+
+    def expected_files(self) -> list[str]:
+        return ["train", "test"]
+
+    def _file(self, name: str) -> list[Path]:
+        path = self.folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"CIFAR-100 file {name} is missing from {self.folder}")
+        return [path]
+
+    def train_files(self) -> list[Path]:
+        return self._file("train")
+
+    def test_files(self) -> list[Path]:
+        return self._file("test")
+
+    def read(self, paths: Sequence[Path]) -> CifarArrays:
+        return read_batches(paths, f"{self.label_type}_labels", self.num_classes)

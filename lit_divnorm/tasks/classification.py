@@ -1,0 +1,137 @@
+"""``ClassificationTask``: image classification (CIFAR-10/100) with any norm of the registry.
+
+    loss = cross_entropy(model(x), y) + sparsity_penalty(model)      (training)
+
+Logs ``{stage}/loss`` and ``{stage}/acc`` (top-1) for ``stage`` in train, val, test, plus
+``{stage}/acc_top5`` when there are at least 100 classes; the base class adds ``train/l1``
+and every learned ``sigma/<layer>``.
+
+The network is built from arguments (``arch="small_cnn"`` or ``"resnet"``) or passed in as
+an ``nn.Module``. ``norm`` switches the normalization of the whole built network, so from the
+command line ``--model.norm dn*`` or ``--model.norm '{name: bn, sigma: 0.01}'`` turns any
+config into another row of the paper's table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_divnorm.models.resnet import BlockKind, PreActResNet
+from lit_divnorm.models.small_cnn import SmallCNN
+from lit_divnorm.norm import NormSpec
+from lit_divnorm.tasks.base import NormalizedTask, Stage, _default_optimizer
+
+ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet")
+STAGES: tuple[Stage, ...] = ("train", "val", "test")
+
+
+def build_classifier(
+    arch: str,
+    num_classes: int,
+    norm: NormSpec = None,
+    layer_window: Sequence[int] | None = None,
+    dropout: float = 0.0,
+    depth: int | None = None,
+    block: BlockKind | None = None,
+) -> nn.Module:
+    """Build ``"small_cnn"`` (:class:`SmallCNN`) or ``"resnet"`` (:class:`PreActResNet`).
+
+    ``layer_window`` ``None`` keeps the architecture's paper windows (5, 3, 3 / 7, 5, 5, 5);
+    ``depth`` and ``block`` apply to the ResNet only (default 32, ``"basic"``).
+    """
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "norm": norm, "dropout": dropout}
+    if layer_window is not None:
+        kwargs["layer_window"] = tuple(layer_window)
+    if arch == "small_cnn":
+        if depth is not None or block is not None:
+            raise ValueError(
+                f"depth and block apply to arch='resnet' only, got depth={depth!r}, "
+                f"block={block!r} with arch='small_cnn'"
+            )
+        return SmallCNN(**kwargs)
+    if arch == "resnet":
+        return PreActResNet(depth=32 if depth is None else depth, block=block or "basic", **kwargs)
+    raise ValueError(f"arch must be one of {ARCHITECTURES} or an nn.Module, got {arch!r}")
+
+
+class ClassificationTask(NormalizedTask):
+    """Cross-entropy classification with top-1 (and top-5) accuracy.
+
+    Args:
+        arch: ``"small_cnn"`` (the paper's CNN), ``"resnet"`` (pre-activation ResNet), or
+            a ready ``nn.Module`` mapping ``(N, C, H, W)`` to logits ``(N, num_classes)``.
+        num_classes: number of classes (10 or 100); top-5 accuracy is logged from 100 on.
+        norm: the norm of every slot of a built network: a registry name (``"dn*"``), a
+            mapping with overrides (``{"name": "bn", "sigma": 0.01}``), or ``None`` (none).
+            Must stay ``None`` when ``arch`` is a module.
+        layer_window: per-layer DN windows (small CNN: 3 entries; ResNet: 3 stages + final);
+            ``None`` keeps the paper's.
+        dropout: dropout before the fully connected layer(s).
+        depth, block: ResNet depth (32, 110, 164) and block kind (``"basic"``,
+            ``"bottleneck"``).
+        optimizer, lr_scheduler, scheduler_interval: see :class:`NormalizedTask`.
+    """
+
+    def __init__(
+        self,
+        arch: str | nn.Module = "small_cnn",
+        num_classes: int = 10,
+        norm: NormSpec = None,
+        layer_window: list[int] | None = None,
+        dropout: float = 0.0,
+        depth: int | None = None,
+        block: Literal["basic", "bottleneck"] | None = None,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, scheduler_interval)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        ignore = ["optimizer", "lr_scheduler"]
+        if isinstance(arch, nn.Module):
+            if norm is not None or layer_window is not None or depth is not None:
+                raise ValueError(
+                    "norm, layer_window and depth build a network; they must stay None when "
+                    f"arch is an nn.Module ({type(arch).__name__})"
+                )
+            self.model = arch
+            ignore.append("arch")
+        else:
+            self.model = build_classifier(
+                arch, num_classes, norm, layer_window, dropout, depth, block
+            )
+        self.save_hyperparameters(ignore=ignore)
+        self.num_classes = num_classes
+        self.top_k = (1, 5) if num_classes >= 100 else (1,)
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+                for stage in STAGES
+                for k in self.top_k
+            }
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(N, num_classes)`` of images ``(N, C, H, W)``."""
+        return self.model(x)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: Stage) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        on_step = stage == "train"
+        size = labels.shape[0]
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, batch_size=size)
+        for k in self.top_k:
+            metric = self.metrics[f"{stage}_top{k}"]
+            metric(logits.detach(), labels)
+            name = f"{stage}/acc" if k == 1 else f"{stage}/acc_top{k}"
+            self.log(name, metric, on_step=on_step, on_epoch=True, batch_size=size, prog_bar=k == 1)
+        return loss
