@@ -7,7 +7,8 @@ against the integer-valued 0..255 target, both cropped by the model's ``border``
 its VALID convolutions remove; 8 for 9-5-5)::
 
     PSNR = 10 log10(255^2 / mean((255 * y_hat - 255 * y)^2))       per image, then averaged
-    SSIM = torchmetrics SSIM, Gaussian 11x11, sigma 1.5, data_range 255   per image, averaged
+    SSIM = torchmetrics' SSIM map, Gaussian 11x11, sigma 1.5, data_range 255, averaged over
+           the valid window positions (as Wang et al.'s ssim_index)   per image, averaged
 
 The bicubic input is measured the same way on the same crop (``*/psnr_bicubic``,
 ``*/ssim_bicubic``), so the model's gain over bicubic reads directly from the logs.
@@ -68,8 +69,18 @@ def psnr_per_image(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def ssim_per_image(prediction: Tensor, target: Tensor) -> Tensor:
-    """``(N,)`` SSIM of ``(N, C, H, W)`` images on the 0..255 scale (11x11 Gaussian, 1.5)."""
-    return structural_similarity_index_measure(
+    """``(N,)`` SSIM of ``(N, C, H, W)`` images on the 0..255 scale (11x11 Gaussian, 1.5).
+
+    The SSIM map comes from torchmetrics; it is averaged over the positions whose 11x11
+    window lies inside the image, like Wang et al.'s ``ssim_index`` ('valid' filtering) used
+    by the field. (torchmetrics' own mean also counts the reflect-padded border positions.)
+    """
+    if min(prediction.shape[-2:]) < SSIM_KERNEL_SIZE:
+        raise ValueError(
+            f"SSIM needs images of at least {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} pixels, got "
+            f"shape {tuple(prediction.shape)}"
+        )
+    _, ssim_map = structural_similarity_index_measure(
         prediction.double(),
         target.double(),
         gaussian_kernel=True,
@@ -77,7 +88,10 @@ def ssim_per_image(prediction: Tensor, target: Tensor) -> Tensor:
         kernel_size=SSIM_KERNEL_SIZE,
         data_range=PIXEL_MAX,
         reduction="none",
-    ).reshape(-1)
+        return_full_image=True,
+    )
+    half = SSIM_KERNEL_SIZE // 2
+    return ssim_map[..., half:-half, half:-half].mean(dim=(1, 2, 3))
 
 
 def _default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:

@@ -32,7 +32,7 @@ def sr_folders(tmp_path: Path) -> Path:
     write_rgb(train / "a.png", 40, 45, 0)
     write_rgb(train / "b.bmp", 50, 37, 1)
     write_rgb(train / "c.jpg", 36, 41, 2)
-    write_rgb(evaluation / "rgb.png", 31, 28, 3)
-    gray = write_rgb(tmp_path / "unused.png", 26, 35, 4)[..., 0]
+    write_rgb(evaluation / "rgb.png", 41, 38, 3)
+    gray = write_rgb(tmp_path / "unused.png", 36, 45, 4)[..., 0]
     Image.fromarray(gray, "L").save(evaluation / "gray.bmp")
     return tmp_path
