@@ -1,1 +1,3 @@
 """models of lit_divnorm."""
+
+from lit_divnorm.models.srcnn import SRCNN as SRCNN
