@@ -179,6 +179,11 @@ class SuperResolutionTask(NormalizedTask):
         output = self.model(bicubic)
         border = (hr.shape[-1] - output.shape[-1]) // 2
         target = center_crop(hr, border)
+        if target.shape != output.shape:
+            raise ValueError(
+                f"model output {tuple(output.shape)} is not the target {tuple(hr.shape)} "
+                f"cropped by a border on every side"
+            )
         loss = F.mse_loss(output, target)
         size = bicubic.shape[0]
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, batch_size=size)

@@ -174,3 +174,19 @@ def test_bad_arguments_name_themselves():
         SuperResolutionTask(num_images_to_show=-1)
     with pytest.raises(ValueError, match="unknown norm"):
         SuperResolutionTask(norm="no-such-norm")
+
+
+def test_reference_border_mode_reaches_the_norm_layers():
+    task = SuperResolutionTask(norm={**DN_STAR, "border": "reference"})
+    assert all(norm.border == "reference" for norm in task.model.norms)
+
+
+def test_subclass_model_with_uneven_crop_is_refused():
+    class Uneven(SuperResolutionTask):
+        def build_model(self, norm, init_std):
+            return torch.nn.Conv2d(1, 1, (3, 5))
+
+    task = Uneven()
+    batch = (torch.rand(1, 1, 20, 20), torch.rand(1, 1, 20, 20))
+    with pytest.raises(ValueError, match="not the target"):
+        task._shared_step(batch, "val")
