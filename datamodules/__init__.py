@@ -4,3 +4,4 @@ from datamodules.ptb import PennTreebankDataModule as PennTreebankDataModule
 from datamodules.cifar import CIFAR10DataModule as CIFAR10DataModule
 from datamodules.cifar import CIFAR100DataModule as CIFAR100DataModule
 from datamodules.cifar import CifarDataModule as CifarDataModule
+from datamodules.super_resolution import SuperResolutionDataModule as SuperResolutionDataModule

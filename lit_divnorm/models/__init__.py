@@ -8,3 +8,4 @@ from lit_divnorm.models.resnet import PreActResNet as PreActResNet
 from lit_divnorm.models.same_pool import SamePool2d as SamePool2d
 from lit_divnorm.models.same_pool import pool2d_same as pool2d_same
 from lit_divnorm.models.small_cnn import SmallCNN as SmallCNN
+from lit_divnorm.models.srcnn import SRCNN as SRCNN

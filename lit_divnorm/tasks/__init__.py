@@ -2,3 +2,4 @@
 
 from lit_divnorm.tasks.language_model import LanguageModelTask as LanguageModelTask
 from lit_divnorm.tasks.classification import ClassificationTask as ClassificationTask
+from lit_divnorm.tasks.super_resolution import SuperResolutionTask as SuperResolutionTask

@@ -1,0 +1,345 @@
+"""Single-image super-resolution data: image folders degraded as the field degrades them.
+
+Every image (PNG, BMP or JPEG; RGB or grayscale) becomes a pair of Y-channel images in
+``[0, 1]`` (the network's scale; the task multiplies by 255 to measure):
+
+1. Y of Matlab's ``rgb2ycbcr`` (uint8, 16..235) for RGB images; the gray value itself for
+   grayscale ones (as SRCNN's and the authors' Matlab code do);
+2. the high-resolution target ``hr``: Y cropped to a multiple of ``scale``, divided by 255;
+3. the network input ``bicubic``: Matlab ``imresize(imresize(hr, 1/scale), scale)`` (bicubic,
+   antialiased when shrinking), not clipped or rounded.
+
+Training samples are random ``patch_size`` x ``patch_size`` crops at the same place of both
+(``patches_per_image`` per image, positions drawn once from ``seed``); evaluation samples are
+whole images, batch 1. Samples are ``(bicubic, hr)`` pairs of shape ``(1, H, W)``.
+
+Folders: ``train_dir`` and ``eval_dir`` are paths, relative to ``data_dir`` unless absolute.
+Sets known by name (Set5, Set14, BSD100, BSD200, T91) are fetched in ``prepare_data`` when a
+URL is given for them in ``download_urls`` and the network allows; otherwise a missing folder
+is an error that says which images to put where.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.matlab_image import imresize, modcrop, rgb_to_y
+
+IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg")
+KNOWN_SETS: dict[str, int] = {"set5": 5, "set14": 14, "bsd100": 100, "bsd200": 200, "t91": 91}
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files (``.png``, ``.bmp``, ``.jpg``, ``.jpeg``) directly in ``folder``, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_y(path: str | Path) -> Tensor:
+    """The ``(1, H, W)`` float64 Y channel (0..255, integer-valued) of an 8-bit image file.
+
+    RGB(A) images go through Matlab's ``rgb2ycbcr`` on uint8 (rounded); grayscale images (and
+    palette images whose palette is gray) keep their gray value. Raises ``ValueError`` naming
+    the file when it cannot be decoded or is not 8-bit.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            pixels = _to_uint8_array(image)
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read image file {path}: {error}") from error
+    if pixels is None:
+        raise ValueError(
+            f"image file {path} has PIL mode {mode!r}; only 8-bit grayscale or RGB images "
+            "are supported"
+        )
+    tensor = torch.from_numpy(pixels.copy())
+    if tensor.ndim == 2:
+        return tensor.to(torch.float64).unsqueeze(0)
+    return rgb_to_y(tensor.permute(2, 0, 1))
+
+
+def _to_uint8_array(image: Image.Image) -> np.ndarray | None:
+    """``(H, W)`` gray or ``(H, W, 3)`` RGB uint8 pixels; ``None`` for other modes."""
+    mode = image.mode
+    if mode == "P":
+        palette = np.asarray(image.convert("RGB")).reshape(-1, 3)
+        gray = bool((palette == palette[:, :1]).all())
+        mode, image = ("L", image.convert("L")) if gray else ("RGB", image.convert("RGB"))
+    if mode in ("L", "LA", "1"):
+        return np.asarray(image.convert("L"))
+    if mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr"):
+        return np.asarray(image.convert("RGB"))
+    return None
+
+
+def degrade(hr_y: Tensor, scale: int) -> tuple[Tensor, Tensor]:
+    """``(bicubic, hr)`` in ``[0, 1]`` from a ``(1, H, W)`` 0..255 Y image (see module doc).
+
+    ``hr`` is ``hr_y`` cropped to multiples of ``scale`` and divided by 255; ``bicubic`` is
+    Matlab's bicubic down by ``1 / scale`` then up by ``scale``, the same shape. Float32.
+    """
+    hr = modcrop(hr_y, scale).to(torch.float64) / 255.0
+    bicubic = imresize(imresize(hr, 1.0 / scale), float(scale))
+    return bicubic.float(), hr.float()
+
+
+def load_pairs(paths: Sequence[Path], scale: int) -> list[tuple[Tensor, Tensor]]:
+    """``degrade(read_y(path), scale)`` of every path; images smaller than ``scale`` fail."""
+    pairs = []
+    for path in paths:
+        y = read_y(path)
+        if min(y.shape[-2:]) < scale:
+            raise ValueError(
+                f"image file {path} is {tuple(y.shape[-2:])} pixels, smaller than scale={scale}"
+            )
+        pairs.append(degrade(y, scale))
+    return pairs
+
+
+class PatchDataset(Dataset):
+    """Random ``patch_size`` x ``patch_size`` crops of ``(bicubic, hr)`` pairs.
+
+    ``patches_per_image`` positions per pair are drawn uniformly once, from ``seed``, so the
+    dataset is a fixed, reproducible set of ``len(pairs) * patches_per_image`` patches. Pairs
+    smaller than the patch are left out (with a warning). Items: ``(1, P, P)`` tensors.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Tensor, Tensor]],
+        patch_size: int,
+        patches_per_image: int,
+        seed: int,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self.pairs = list(pairs)
+        self.patch_size = patch_size
+        generator = torch.Generator().manual_seed(seed)
+        positions = []
+        too_small = []
+        for index, (_, hr) in enumerate(self.pairs):
+            height, width = hr.shape[-2:]
+            if height < patch_size or width < patch_size:
+                too_small.append(names[index] if names else str(index))
+                continue
+            count = (patches_per_image,)
+            tops = torch.randint(0, height - patch_size + 1, count, generator=generator)
+            lefts = torch.randint(0, width - patch_size + 1, count, generator=generator)
+            positions.append(torch.stack([torch.full_like(tops, index), tops, lefts], dim=1))
+        if too_small:
+            warnings.warn(
+                f"{len(too_small)} training image(s) smaller than patch_size={patch_size} left "
+                f"out: {', '.join(too_small[:5])}",
+                stacklevel=2,
+            )
+        if not positions:
+            raise ValueError(
+                f"no training image is at least patch_size={patch_size} pixels high and wide"
+            )
+        self.positions = torch.cat(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, item: int) -> tuple[Tensor, Tensor]:
+        index, top, left = (int(v) for v in self.positions[item])
+        size = self.patch_size
+        bicubic, hr = self.pairs[index]
+        window = (..., slice(top, top + size), slice(left, left + size))
+        return bicubic[window], hr[window]
+
+
+class ImageDataset(Dataset):
+    """Whole ``(bicubic, hr)`` image pairs, each ``(1, H, W)`` (sizes may differ)."""
+
+    def __init__(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, item: int) -> tuple[Tensor, Tensor]:
+        return self.pairs[item]
+
+
+class SuperResolutionDataModule(LightningDataModule):
+    """Training patches from one image folder, whole-image evaluation on another.
+
+    Args:
+        data_dir: root that relative ``train_dir`` / ``eval_dir`` are resolved against.
+        train_dir: folder of high-resolution training images (default ``"T91"``).
+        eval_dir: folder of high-resolution evaluation images, used for validation and test
+            (default ``"Set5"``; Set14, BSD100, BSD200 or any folder).
+        scale: upscaling factor (2, 3, 4, ...).
+        patch_size: side of the square training patches (33 in SRCNN and the paper).
+        patches_per_image: random patches drawn per training image.
+        batch_size: training batch size (evaluation always uses batch 1: whole images).
+        seed: seed of the patch positions and of the training shuffle.
+        num_workers: DataLoader workers.
+        download_urls: optional ``{set name: URL of a .zip/.tar archive of its images}`` used
+            by ``prepare_data`` for a known set whose folder is empty.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/sr",
+        train_dir: str = "T91",
+        eval_dir: str = "Set5",
+        scale: int = 3,
+        patch_size: int = 33,
+        patches_per_image: int = 100,
+        batch_size: int = 128,
+        seed: int = 0,
+        num_workers: int = 0,
+        download_urls: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("scale", scale),
+            ("patch_size", patch_size),
+            ("patches_per_image", patches_per_image),
+            ("batch_size", batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+        if patch_size < scale:
+            raise ValueError(f"patch_size must be >= scale={scale}, got {patch_size}")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.train_path = self._resolve(train_dir)
+        self.eval_path = self._resolve(eval_dir)
+        self.scale = scale
+        self.patch_size = patch_size
+        self.patches_per_image = patches_per_image
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.download_urls = {k.lower(): v for k, v in (download_urls or {}).items()}
+        self.train_set: PatchDataset | None = None
+        self.eval_set: ImageDataset | None = None
+        self.eval_names: list[str] = []
+
+    def _resolve(self, folder: str) -> Path:
+        path = Path(folder)
+        return path if path.is_absolute() else self.data_dir / path
+
+    def prepare_data(self) -> None:
+        """Check both folders hold images; fetch a known set when a URL is given for it."""
+        for role, folder in (("train_dir", self.train_path), ("eval_dir", self.eval_path)):
+            if list_images(folder):
+                continue
+            set_name = folder.name.lower()
+            url = self.download_urls.get(set_name)
+            if url is not None:
+                _download_images(url, folder, role)
+                if list_images(folder):
+                    continue
+            raise FileNotFoundError(_missing_message(role, folder, url))
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            paths = self._images("train_dir", self.train_path)
+            pairs = load_pairs(paths, self.scale)
+            self.train_set = PatchDataset(
+                pairs, self.patch_size, self.patches_per_image, self.seed, [p.name for p in paths]
+            )
+        if self.eval_set is None:
+            paths = self._images("eval_dir", self.eval_path)
+            self.eval_set = ImageDataset(load_pairs(paths, self.scale))
+            self.eval_names = [p.name for p in paths]
+
+    def _images(self, role: str, folder: Path) -> list[Path]:
+        paths = list_images(folder)
+        if not paths:
+            raise FileNotFoundError(_missing_message(role, folder, None))
+        expected = KNOWN_SETS.get(folder.name.lower())
+        if expected is not None and len(paths) != expected:
+            warnings.warn(
+                f"{role} folder {folder} holds {len(paths)} images; {folder.name} has {expected}",
+                stacklevel=2,
+            )
+        return paths
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) >= self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_dataloader(self) -> DataLoader:
+        if self.eval_set is None:
+            self.setup("validate")
+        return DataLoader(
+            self.eval_set,
+            batch_size=1,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader()
+
+
+def _missing_message(role: str, folder: Path, url: str | None) -> str:
+    known = KNOWN_SETS.get(folder.name.lower())
+    what = (
+        f"the {known} high-resolution images of {folder.name}"
+        if known is not None
+        else "high-resolution images"
+    )
+    tried = f" (download from {url} failed or held no images)" if url else ""
+    return (
+        f"{role}: no images (.png, .bmp, .jpg, .jpeg) in {folder}{tried}; put {what} "
+        f"directly in that folder"
+    )
+
+
+def _download_images(url: str, folder: Path, role: str) -> None:
+    """Fetch an archive from ``url`` and put the image files it holds in ``folder``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / Path(urllib.parse.urlparse(url).path).name
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                archive.write_bytes(response.read())
+            extracted = Path(tmp) / "extracted"
+            shutil.unpack_archive(archive, extracted)
+        except (OSError, ValueError, shutil.ReadError) as error:
+            raise FileNotFoundError(
+                f"{_missing_message(role, folder, url)}; the download failed: {error}"
+            ) from error
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(extracted.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                shutil.move(str(path), folder / path.name)
