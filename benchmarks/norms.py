@@ -1,6 +1,7 @@
 """Forward+backward time and training memory of every registry norm against torch's peers.
 
     python benchmarks/norms.py [--repeats 20] [--device cpu|cuda] [--names dn dn* bn ...]
+                               [--compiled dn dn*]
 
 For each of the paper's CIFAR shapes it prints the median time of ``forward + backward`` and
 the memory the layer keeps for backward (bytes of the tensors autograd saves, de-duplicated by
@@ -94,6 +95,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--names", nargs="*", default=[n for n in list_norms() if n != "gn"])
+    parser.add_argument(
+        "--compiled", nargs="*", default=["dn", "dn*"], help="also time these with compile_kernel"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, float32")
@@ -104,6 +108,10 @@ def main() -> None:
         factories = peers(c, window)
         for name in args.names:
             factories[name] = functools.partial(build_norm, name, c, layer_window=window)
+        for name in args.compiled:
+            factories[f"{name} (compiled)"] = functools.partial(
+                build_norm, name, c, layer_window=window, compile_kernel=True
+            )
         for name, make in factories.items():
             module = make().to(device)
             rows[name] = (time_step(module, x, args.repeats), saved_bytes(module, x))

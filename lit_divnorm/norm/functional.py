@@ -18,19 +18,17 @@ window, and the suppression window divided by the *summation* window's area.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from lit_divnorm.norm.box import Border, box_mean
 from lit_divnorm.norm.fields import Field
+from lit_divnorm.norm.fused import local_divisive_norm
 
-Border = Literal["valid", "reference"]
 BORDERS: tuple[str, ...] = ("valid", "reference")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -50,92 +48,6 @@ def check_input(x: Tensor, name: str = "x") -> None:
         )
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-
-
-MATRIX_MAX_LENGTH = 1024
-
-
-@functools.lru_cache(maxsize=256)
-def box_matrix(
-    length: int,
-    width: int,
-    border: Border,
-    divisor: int | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Tensor:
-    """``(L, L)`` matrix ``M`` with ``(M @ x)[j]`` the box mean of ``x`` at ``j`` (cached).
-
-    ``M[j, k] = 1 / n_j`` for ``k`` in the window of ``j``: ``n_j`` counts the positions inside
-    (``"valid"``) or is ``divisor`` (default ``width``, ``"reference"``).
-    """
-    with torch.inference_mode(False):
-        index = torch.arange(length)
-        offset = index[None, :] - index[:, None]
-        inside = ((offset >= -((width - 1) // 2)) & (offset <= width // 2)).double()
-        if border == "valid":
-            matrix = inside / inside.sum(dim=1, keepdim=True)
-        else:
-            matrix = inside / (width if divisor is None else divisor)
-        return matrix.to(device=device, dtype=dtype)
-
-
-def _running_box_sum(x: Tensor, dim: int, before: int, after: int) -> Tensor:
-    """Sums of ``x[j - before : j + after + 1]`` along ``dim`` (clipped) by running sums."""
-    low, high = _window_limits(x.shape[dim], before, after, x.device)
-    running = torch.cumsum(x, dim)
-    running = torch.cat([torch.zeros_like(running.narrow(dim, 0, 1)), running], dim)
-    return running.index_select(dim, high) - running.index_select(dim, low)
-
-
-def _window_limits(length: int, before: int, after: int, device: torch.device):
-    index = torch.arange(length, device=device)
-    return (index - before).clamp(min=0), (index + after + 1).clamp(max=length)
-
-
-def _window_counts(x: Tensor, dim: int, width: int) -> Tensor:
-    """Positions inside ``x`` of each window along ``dim``, shaped to broadcast against it."""
-    low, high = _window_limits(x.shape[dim], (width - 1) // 2, width // 2, x.device)
-    shape = [1] * x.ndim
-    shape[dim] = -1
-    return (high - low).to(x.dtype).view(shape)
-
-
-def _matmul_along(x: Tensor, matrix: Tensor, dim: int) -> Tensor:
-    if dim == x.ndim - 1:
-        return x @ matrix.T
-    return (matrix @ x.movedim(dim, -2)).movedim(-2, dim)
-
-
-def box_mean(
-    x: Tensor, dim: int, width: int, border: Border = "valid", divisor: int | None = None
-) -> Tensor:
-    """Mean of ``x`` over a window of ``width`` neighbours along ``dim`` (same shape as ``x``).
-
-    The window at ``j`` covers ``j - (width - 1) // 2`` to ``j + width // 2`` (TensorFlow's
-    SAME placement). ``border="valid"`` divides by the number of positions inside the tensor;
-    ``"reference"`` by ``divisor`` (default ``width``), counting outside positions as zeros.
-    The cost does not grow with ``width``: a product with a cached ``(L, L)`` matrix for
-    ``L <= MATRIX_MAX_LENGTH``, running sums beyond.
-    """
-    length = x.shape[dim]
-    if length <= MATRIX_MAX_LENGTH:
-        matrix = box_matrix(length, width, border, divisor, x.device, x.dtype)
-        return _matmul_along(x, matrix, dim)
-    total = _running_box_sum(x, dim, (width - 1) // 2, width // 2)
-    return total / (_window_counts(x, dim, width) if border == "valid" else (divisor or width))
-
-
-def box_mean_adjoint(
-    g: Tensor, dim: int, width: int, border: Border = "valid", divisor: int | None = None
-) -> Tensor:
-    """The transpose of :func:`box_mean` (its backward): ``sum_{j: i in window(j)} g_j / n_j``."""
-    length = g.shape[dim]
-    if length <= MATRIX_MAX_LENGTH:
-        matrix = box_matrix(length, width, border, divisor, g.device, g.dtype)
-        return _matmul_along(g, matrix.T, dim)
-    g = g / (_window_counts(g, dim, width) if border == "valid" else (divisor or width))
-    return _running_box_sum(g, dim, width // 2, (width - 1) // 2)
 
 
 def field_mean(
@@ -242,8 +154,9 @@ def divisive_norm(
     momentum: float = 0.1,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
-    return_centered: bool = False,
+    return_l1: bool = False,
     fused: bool = True,
+    compile_kernel: bool = False,
     sync_batch: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The unified normalizer: ``y = (x - mean_A(x)) / sqrt(sigma^2 + eps + mean_B(v^2))``.
@@ -260,17 +173,19 @@ def divisive_norm(
             are used and the buffers move towards them by ``momentum`` (the variance
             unbiased); otherwise the buffers replace the batch statistics.
         weight, bias: per-channel ``(C,)`` affine ``gamma``, ``beta`` applied to ``y``.
-        return_centered: also return ``v = x - mean_A(x)`` (in float32 for half inputs),
-            the activation the L1 sparsity penalty is taken on.
+        return_l1: also return ``mean|v|`` with ``v = x - mean_A(x)`` (``x`` itself without a
+            summation field): the activation the L1 sparsity penalty is taken on.
         fused: use a fused implementation where one applies (torch's batch/group norm
-            kernels for bn/ln/in/gn with a fixed sigma, :class:`LocalDivisiveNorm` for local
-            fields over all channels); ``False`` evaluates the equations term by term.
+            kernels for bn/ln/in/gn with a fixed sigma; :mod:`lit_divnorm.norm.fused` for
+            local fields over all channels); ``False`` evaluates the equations term by term.
+        compile_kernel: run the fused local kernel through ``torch.compile`` (faster after a
+            one-off compile per input shape).
         sync_batch: fields that span the batch span every rank's batch (see
             :func:`field_mean`); only matters under an initialized process group.
 
     Returns:
         ``y`` with ``x``'s shape and dtype (float16/bfloat16 inputs are normalized in
-        float32 and cast back), or ``(y, v)`` with ``return_centered``.
+        float32 and cast back), or ``(y, mean|v|)`` with ``return_l1``.
     """
     check_input(x)
     check_border(border)
@@ -282,22 +197,26 @@ def divisive_norm(
     if dtype in _LOW_PRECISION:
         x = x.float()
     stats = (running_mean, running_var, training, momentum)
-    y = None
-    if fused and not (sync_batch and _spans_batch(sum_field, sup_field)):
-        y = _fused_norm(x, sum_field, sup_field, sigma, eps, border, weight, bias, *stats)
+    y = l1 = None
+    if _is_channel_local(sum_field) and _is_channel_local(sup_field) and fused:
+        y, l1 = _local_norm(x, sum_field, sup_field, sigma, eps, border, return_l1, compile_kernel)
+        y = _affine(y, weight, bias)
+    elif fused and not (sync_batch and _spans_batch(sum_field, sup_field)):
+        y = _torch_norm(x, sum_field, sup_field, sigma, eps, weight, bias, *stats)
     if y is None:
         y, v = _direct_norm(x, sum_field, sup_field, sigma, eps, border, *stats, sync_batch)
-        if weight is not None or bias is not None:
-            y = _affine(y, weight, bias)
-    elif return_centered:
+        y = _affine(y, weight, bias)
+        l1 = v.abs().mean() if return_l1 else None
+    elif return_l1 and l1 is None:
         v = x
         if sum_field is not None:
             mean = _batch_statistic(
                 x, sum_field, border, None, running_mean, training, momentum, None, update=False
             )
             v = x - mean
+        l1 = v.abs().mean()
     y = y.to(dtype)
-    return (y, v) if return_centered else y
+    return (y, l1) if return_l1 else y
 
 
 def _spans_batch(*fields: Field | None) -> bool:
@@ -305,6 +224,8 @@ def _spans_batch(*fields: Field | None) -> bool:
 
 
 def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    if weight is None and bias is None:
+        return y
     shape = (1, -1) + (1,) * (y.ndim - 2)
     if weight is not None and bias is not None:
         return torch.addcmul(bias.view(shape), y, weight.view(shape))
@@ -389,13 +310,12 @@ def _check_batch_size(x: Tensor) -> None:
         )
 
 
-def _fused_norm(
+def _torch_norm(
     x: Tensor,
     sum_field: Field | None,
     sup_field: Field | None,
     sigma: float | Tensor,
     eps: float,
-    border: Border,
     weight: Tensor | None,
     bias: Tensor | None,
     running_mean: Tensor | None,
@@ -403,26 +323,22 @@ def _fused_norm(
     training: bool,
     momentum: float,
 ) -> Tensor | None:
-    """A fused kernel for the common fields, or ``None`` where none applies."""
-    if _is_channel_local(sum_field) and _is_channel_local(sup_field):
-        y = _local_norm(x, sum_field, sup_field, sigma, eps, border)
-        return y if weight is None and bias is None else _affine(y, weight, bias)
-    if sum_field is None or sup_field != sum_field:
+    """torch's own kernel where the two fields are one of bn/ln/in/gn, else ``None``."""
+    if sum_field is None or sup_field != sum_field or isinstance(sigma, Tensor):
         return None
-    if sum_field.positions == "all" and not isinstance(sigma, Tensor):
-        floor = sigma * sigma + eps
-        if sum_field.batch and sum_field.channels == "self":
-            use_batch = training or running_mean is None
-            if use_batch:
-                _check_batch_size(x)
-            return F.batch_norm(
-                x, running_mean, running_var, weight, bias, use_batch, momentum, floor
-            )
-        if not sum_field.batch and sum_field.channels in ("all", "self", "groups"):
-            groups = {"all": 1, "self": x.shape[1], "groups": sum_field.groups}[sum_field.channels]
-            if x.shape[1] % groups:
-                return None  # the direct path raises the clear error
-            return F.group_norm(x, groups, weight, bias, eps=floor)
+    if sum_field.positions != "all":
+        return None
+    floor = sigma * sigma + eps
+    if sum_field.batch and sum_field.channels == "self":
+        use_batch = training or running_mean is None
+        if use_batch:
+            _check_batch_size(x)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, use_batch, momentum, floor)
+    if not sum_field.batch and sum_field.channels in ("all", "self", "groups"):
+        groups = {"all": 1, "self": x.shape[1], "groups": sum_field.groups}[sum_field.channels]
+        if x.shape[1] % groups:
+            return None  # the direct path raises the clear error
+        return F.group_norm(x, groups, weight, bias, eps=floor)
     return None
 
 
@@ -431,86 +347,27 @@ def _is_channel_local(field: Field | None) -> bool:
 
 
 def _local_norm(
-    x: Tensor, sum_field: Field, sup_field: Field, sigma: float | Tensor, eps: float, border: Border
-) -> Tensor:
+    x: Tensor,
+    sum_field: Field,
+    sup_field: Field,
+    sigma: float | Tensor,
+    eps: float,
+    border: Border,
+    with_l1: bool,
+    compile_kernel: bool,
+) -> tuple[Tensor, Tensor | None]:
     features = x.ndim == 2
     if features:  # feature vectors: the C features are one row of positions
         x = x.unsqueeze(1)
     num = x.ndim - 2
-    divisor = suppression_divisor(sum_field, sup_field, border, num)
-    floor = sigma * sigma + eps
-    if not isinstance(floor, Tensor):
-        floor = torch.tensor(floor, dtype=x.dtype, device=x.device)
-    y = LocalDivisiveNorm.apply(
+    y, l1 = local_divisive_norm(
         x,
-        floor.to(x.dtype),
         sum_field.window_for(num),
         sup_field.window_for(num),
+        sigma * sigma + eps,
         border,
-        divisor,
+        suppression_divisor(sum_field, sup_field, border, num),
+        with_l1,
+        compile_kernel,
     )
-    return y.squeeze(1) if features else y
-
-
-def _box(x: Tensor, windows, border: Border, divisors, adjoint: bool = False) -> Tensor:
-    divisors = windows if divisors is None else divisors
-    op = box_mean_adjoint if adjoint else box_mean
-    for dim, (width, divisor) in enumerate(zip(windows, divisors), start=2):
-        x = op(x, dim, width, border, divisor)
-    return x
-
-
-def _channel_mean(x: Tensor) -> Tensor:
-    """``mean_c x`` of ``(N, C, *P)`` as ``(N, 1, *P)``, by a product with a row of ``1/C``
-    (a BLAS call: several times faster on CPU than a strided reduction over ``C``)."""
-    n, c = x.shape[:2]
-    row = torch.full((1, 1, c), 1.0 / c, dtype=x.dtype, device=x.device)
-    return torch.matmul(row, x.reshape(n, c, -1)).view(n, 1, *x.shape[2:])
-
-
-class LocalDivisiveNorm(torch.autograd.Function):
-    """Divisive normalization over all channels and local positional windows, fused.
-
-    For ``x`` of shape ``(N, C, *P)``, with ``A``/``B`` the box means of the summation and
-    suppression windows over ``P`` (applied to per-position channel means)::
-
-        q1 = mean_c x,  q2 = mean_c x^2                  (N, 1, *P)
-        m  = A(q1)
-        e  = B(q2 - q1^2 + (q1 - m)^2)                    = B(mean_c (x - m)^2)
-        r  = 1 / sqrt(e + floor),  floor = sigma^2 + eps
-        y  = (x - m) * r
-
-    Forward and backward make a fixed number of passes over ``x`` whatever the windows (box
-    means are products with small cached matrices on the ``(N, 1, *P)`` maps), and only ``x``
-    and three ``(N, 1, *P)`` statistics are saved for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, floor, sum_windows, sup_windows, border, sup_divisors):  # type: ignore[override]
-        q1 = _channel_mean(x)
-        q2 = _channel_mean(x * x)
-        m = _box(q1, sum_windows, border, None)
-        spread = (q2 - q1 * q1).clamp_(min=0) + (q1 - m).square()
-        r = torch.rsqrt(_box(spread, sup_windows, border, sup_divisors) + floor)
-        y = torch.addcmul(-(m * r), x, r)
-        ctx.save_for_backward(x, q1, m, r)
-        ctx.config = (sum_windows, sup_windows, border, sup_divisors)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):  # type: ignore[override]
-        x, q1, m, r = ctx.saved_tensors
-        sum_windows, sup_windows, border, sup_divisors = ctx.config
-        channels = x.shape[1]
-        mean_g = _channel_mean(grad_y)
-        mean_gx = _channel_mean(grad_y * x)
-        grad_e = (mean_gx - m * mean_g) * (-0.5 * channels * r * r * r)
-        grad_floor = grad_e.sum() if ctx.needs_input_grad[1] else None
-        grad_spread = _box(grad_e, sup_windows, border, sup_divisors, adjoint=True)
-        k = grad_spread * (2.0 / channels)
-        grad_m = -channels * (r * mean_g + k * (q1 - m))
-        grad_q1 = _box(grad_m, sum_windows, border, None, adjoint=True)
-        grad_x = torch.addcmul(grad_q1 / channels - m * k, x, k)
-        grad_x.addcmul_(grad_y, r)
-        return grad_x, grad_floor, None, None, None, None
+    return (y.squeeze(1) if features else y), (l1 if with_l1 else None)

@@ -54,6 +54,8 @@ class DivisiveNorm(nn.Module):
         sync_batch: fields that span the batch average over every rank's batch under an
             initialized process group (set by :class:`lit_divnorm.distributed.NormSync`,
             which ``--trainer.sync_batchnorm=true`` installs).
+        compile_kernel: run the fused DN kernel through ``torch.compile`` (a one-off compile
+            per input shape, then fewer passes over memory).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class DivisiveNorm(nn.Module):
         eps: float = 1e-5,
         check_finite: bool = False,
         sync_batch: bool = False,
+        compile_kernel: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int):
@@ -105,6 +108,7 @@ class DivisiveNorm(nn.Module):
         self.eps = float(eps)
         self.check_finite = check_finite
         self.sync_batch = sync_batch
+        self.compile_kernel = compile_kernel
         if learn_sigma:
             self.raw_sigma = nn.Parameter(torch.tensor(_inverse_softplus(float(sigma))))
         else:
@@ -147,7 +151,8 @@ class DivisiveNorm(nn.Module):
                 f"{type(self).__name__} input holds NaN or inf (check_finite=True), "
                 f"shape {tuple(x.shape)}"
             )
-        y, v = divisive_norm(
+        with_l1 = self.l1 > 0 and self.training
+        outputs = divisive_norm(
             x,
             self.sum_field,
             self.sup_field,
@@ -160,10 +165,14 @@ class DivisiveNorm(nn.Module):
             momentum=self.momentum,
             weight=self.weight,
             bias=self.bias,
-            return_centered=True,
+            return_l1=with_l1,
+            compile_kernel=self.compile_kernel,
             sync_batch=self.sync_batch,
         )
-        record_sparsity(self, v, self.l1)
+        if not with_l1:
+            return outputs
+        y, mean_abs = outputs
+        record_sparsity(self, mean_abs, self.l1)
         return y
 
     def extra_repr(self) -> str:

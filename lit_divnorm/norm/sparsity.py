@@ -19,11 +19,12 @@ from torch import Tensor, nn
 SPARSITY_TERMS = "sparsity_terms"
 
 
-def record_sparsity(module: nn.Module, activation: Tensor, weight: float) -> None:
-    """Append ``weight * mean(|activation|)`` to ``module.sparsity_terms`` when training."""
+def record_sparsity(module: nn.Module, mean_abs: Tensor, weight: float) -> None:
+    """Append ``weight * mean_abs`` (a layer's ``mean|v|``) to ``module.sparsity_terms`` when
+    training."""
     if weight > 0 and module.training:
         terms = module.__dict__.setdefault(SPARSITY_TERMS, [])
-        terms.append(weight * activation.abs().mean())
+        terms.append(weight * mean_abs)
 
 
 def sparsity_penalty(module: nn.Module, clear: bool = True) -> Tensor:

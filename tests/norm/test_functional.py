@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_divnorm.norm import Field, divisive_norm, functional
+from lit_divnorm.norm import Field, box, divisive_norm
 from tests.norm.reference import RefField, ref_divisive_norm
 
 SIGMA, EPS = 0.3, 1e-6
@@ -196,7 +196,7 @@ def test_running_sum_box_means_beyond_the_matrix_limit(monkeypatch, windows, bor
     sup_field = Field(channels="all", positions="window", window=windows[1])
     ref_sum = RefField(channels="all", positions="window", window=(windows[0],) * 2)
     ref_sup = RefField(channels="all", positions="window", window=(windows[1],) * 2)
-    monkeypatch.setattr(functional, "MATRIX_MAX_LENGTH", 0)
+    monkeypatch.setattr(box, "MATRIX_MAX_LENGTH", 0)
     _check(x, sum_field, sup_field, ref_sum, ref_sup, border)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(
@@ -245,3 +245,37 @@ def test_direct_batch_path_equals_torch_batch_norm_with_running_stats():
         torch.testing.assert_close(mean, torch_mean)
         torch.testing.assert_close(var, torch_var)
         x = x * 2 + 1
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (3, 11)])
+def test_fused_l1_term_and_its_gradient_match_the_direct_path(shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    field = Field(channels="all", positions="window", window=3)
+    grad = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        y, l1 = divisive_norm(x, field, field, 0.5, return_l1=True, fused=fused)
+        loss = (y * grad).sum() + 3.0 * l1
+        results.append((y, l1, *torch.autograd.grad(loss, x)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    # mean|v| by hand: v = x - (channel mean, box-averaged over a 3-window)
+    if len(shape) == 4:
+        v = x - F.avg_pool2d(x.mean(1, keepdim=True), 3, 1, 1, count_include_pad=False)
+        torch.testing.assert_close(results[0][1], v.abs().mean())
+
+
+def test_compiled_kernel_matches_eager():
+    """torch.compile runs the same forward/backward functions; values and grads agree."""
+    x = torch.randn(4, 3, 7, 6, requires_grad=True)
+    sum_field = Field(channels="all", positions="window", window=3)
+    sup_field = Field(channels="all", positions="window", window=5)
+    grad = torch.randn_like(x)
+    results = []
+    for compile_kernel in (True, False):
+        y, l1 = divisive_norm(
+            x, sum_field, sup_field, 0.5, return_l1=True, compile_kernel=compile_kernel
+        )
+        results.append((y, l1, *torch.autograd.grad((y * grad).sum() + l1, x)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
