@@ -3,7 +3,8 @@
     python benchmarks/norms.py [--repeats 20] [--device cpu|cuda] [--names dn dn* bn ...]
                                [--compiled dn dn*]
 
-For each of the paper's CIFAR shapes it prints the median time of ``forward + backward`` and
+For each of the paper's CIFAR shapes it prints the median time of ``forward + backward``
+(timed round-robin across the norms, so load from other processes is shared fairly) and
 the memory the layer keeps for backward (bytes of the tensors autograd saves, de-duplicated by
 storage, the input included since every layer keeps it), each next to torch's
 ``BatchNorm2d``, ``GroupNorm(1, C)`` and a direct DN (channel mean, ``avg_pool2d`` box means,
@@ -61,25 +62,29 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def time_step(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def time_steps(modules: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median ms of forward+backward per module, timed round-robin (one step of each module
+    per round) so that load from other processes falls on every module alike."""
     grad = torch.randn_like(x)
-
-    def step() -> None:
-        x.grad = None
-        module(x).backward(grad)
-        clear_sparsity(module)
-
-    for _ in range(3):
-        step()
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times = []
-    for _ in range(repeats):
+
+    def step(module: nn.Module) -> float:
+        x.grad = None
         sync()
         start = time.perf_counter()
-        step()
+        module(x).backward(grad)
         sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        clear_sparsity(module)
+        return time.perf_counter() - start
+
+    for module in modules.values():
+        for _ in range(3):
+            step(module)
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for _ in range(repeats):
+        for name, module in modules.items():
+            times[name].append(step(module))
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def peers(channels: int, window: int) -> dict[str, Callable[[], nn.Module]]:
@@ -104,7 +109,6 @@ def main() -> None:
     print(f"median of {args.repeats} forward+backward; memory = bytes saved for backward")
     for n, c, h, w, window in SHAPES:
         x = torch.randn(n, c, h, w, device=device, requires_grad=True)
-        rows: dict[str, tuple[float, int]] = {}
         factories = peers(c, window)
         for name in args.names:
             factories[name] = functools.partial(build_norm, name, c, layer_window=window)
@@ -112,9 +116,9 @@ def main() -> None:
             factories[f"{name} (compiled)"] = functools.partial(
                 build_norm, name, c, layer_window=window, compile_kernel=True
             )
-        for name, make in factories.items():
-            module = make().to(device)
-            rows[name] = (time_step(module, x, args.repeats), saved_bytes(module, x))
+        modules = {name: make().to(device) for name, make in factories.items()}
+        times = time_steps(modules, x, args.repeats)
+        rows = {name: (times[name], saved_bytes(module, x)) for name, module in modules.items()}
         base_ms, base_mem = rows["torch GroupNorm(1,C)"]
         print(f"\nshape {n}x{c}x{h}x{w}, window {window}")
         print(f"{'norm':<24}{'ms':>8}{'x GN':>7}{'MiB saved':>11}{'x GN':>7}")

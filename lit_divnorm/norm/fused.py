@@ -39,18 +39,30 @@ def channel_mean(x: Tensor) -> Tensor:
     return torch.matmul(row, x.reshape(n, c, -1)).view(n, 1, *x.shape[2:])
 
 
+def reduced_channel_mean(x: Tensor) -> Tensor:
+    """``mean_c x`` as a plain reduction, which ``torch.compile`` fuses with its producer."""
+    return x.mean(dim=1, keepdim=True)
+
+
 def local_forward(
-    x: Tensor, floor: Tensor, box_sum: BoxOp, box_sup: BoxOp, with_l1: bool
+    x: Tensor,
+    floor: Tensor,
+    box_sum: BoxOp,
+    box_sup: BoxOp,
+    with_l1: bool,
+    mean_c: BoxOp = channel_mean,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """``(y, q1, m, r, l1)`` of the module docstring (``l1`` is ``None`` unless asked)."""
-    q1 = channel_mean(x)
-    q2 = channel_mean(x * x)
+    q1 = mean_c(x)
+    q2 = mean_c(x * x)
     m = box_sum(q1)
     spread = (q2 - q1 * q1).clamp(min=0) + (q1 - m).square()
     r = torch.rsqrt(box_sup(spread) + floor)
-    y = torch.addcmul(-(m * r), x, r)
-    l1 = (x - m).abs().mean() if with_l1 else None
-    return y, q1, m, r, l1
+    if not with_l1:
+        return torch.addcmul(-(m * r), x, r), q1, m, r, None
+    v = x - m
+    l1 = v.abs().mean()
+    return v.mul_(r), q1, m, r, l1
 
 
 def local_backward(
@@ -62,6 +74,7 @@ def local_backward(
     r: Tensor,
     box_sum_t: BoxOp,
     box_sup_t: BoxOp,
+    mean_c: BoxOp = channel_mean,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``x`` and ``floor`` (``box_*_t`` are the transposed box means).
 
@@ -71,16 +84,16 @@ def local_backward(
         dL/dm   = -sum_c (g_c r + k v_c + s_c)
     """
     channels = x.shape[1]
-    mean_g = channel_mean(grad_y)
-    mean_gx = channel_mean(grad_y * x)
+    mean_g = mean_c(grad_y)
+    mean_gx = mean_c(grad_y * x)
     grad_e = (mean_gx - m * mean_g) * (-0.5 * channels * r * r * r)
     grad_floor = grad_e.sum()
     k = box_sup_t(grad_e) * (2.0 / channels)
     grad_m = -channels * (r * mean_g + k * (q1 - m))
     sparse = None
     if grad_l1 is not None:
-        sparse = torch.sign(x - m) * (grad_l1 / x.numel())
-        grad_m = grad_m - channels * channel_mean(sparse)
+        sparse = torch.sub(x, m).sign_().mul_(grad_l1 / x.numel())
+        grad_m = grad_m - channels * mean_c(sparse)
     grad_q1 = box_sum_t(grad_m)
     grad_x = torch.addcmul(grad_q1 / channels - m * k, x, k)
     grad_x.addcmul_(grad_y, r)
@@ -98,13 +111,13 @@ def _matrix_box(x: Tensor, matrices: Sequence[Tensor]) -> Tensor:
 def _compiled_forward(x, floor, sum_mats, sup_mats, with_l1):
     box_sum = functools.partial(_matrix_box, matrices=sum_mats)
     box_sup = functools.partial(_matrix_box, matrices=sup_mats)
-    return local_forward(x, floor, box_sum, box_sup, with_l1)
+    return local_forward(x, floor, box_sum, box_sup, with_l1, reduced_channel_mean)
 
 
 def _compiled_backward(grad_y, grad_l1, x, q1, m, r, sum_mats_t, sup_mats_t):
     box_sum_t = functools.partial(_matrix_box, matrices=sum_mats_t)
     box_sup_t = functools.partial(_matrix_box, matrices=sup_mats_t)
-    return local_backward(grad_y, grad_l1, x, q1, m, r, box_sum_t, box_sup_t)
+    return local_backward(grad_y, grad_l1, x, q1, m, r, box_sum_t, box_sup_t, reduced_channel_mean)
 
 
 @functools.cache
