@@ -17,8 +17,9 @@ ends writes ``DONE`` (JSON: config, steps, test metrics); a run that raises writ
 (the traceback) and the sweep goes on. Re-running the sweep skips every config that has a
 ``DONE`` version, and starts a new version for the others.
 
-By default every run is its own Python process (a crash cannot take the sweep down);
-``--in-process`` runs them in this process instead (faster to start, used by tests).
+By default every run is its own Python process (a crash cannot take the sweep down, and
+Lightning's multi-GPU launcher can re-launch that process for its other ranks);
+``--in-process`` runs them in this process instead (faster to start; single process only).
 Trainer/model/data overrides for every run follow ``--`` (or are given as ``--key=value``).
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -117,6 +119,13 @@ def logger_override(log_dir: Path) -> str:
     return f"--trainer.logger={json.dumps(logger)}"
 
 
+def _is_rank_zero() -> bool:
+    """Whether this process is rank 0 of a (possibly distributed) launch, from the usual
+    environment variables (torchrun, SLURM, Lightning's own launcher); true when none is set."""
+    names = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+    return all(os.environ.get(name, "0") == "0" for name in names)
+
+
 def _metrics_of(trainer: Any) -> dict[str, float]:
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
@@ -126,6 +135,7 @@ def run_one(config: str | Path, log_dir: str | Path, overrides: list[str] | tupl
 
     Writes ``log_dir/DONE`` (JSON summary, also returned) when both end normally, and
     ``log_dir/FAILED`` (the traceback) when anything raises; the exception propagates.
+    Under a distributed launch only rank 0 writes the markers.
     """
     from lit_divnorm.cli import main as cli_main
 
@@ -153,9 +163,11 @@ def run_one(config: str | Path, log_dir: str | Path, overrides: list[str] | tupl
             "test_metrics": _metrics_of(trainer),
         }
     except BaseException:
-        (log_dir / FAILED_MARKER).write_text(traceback.format_exc())
+        if _is_rank_zero():
+            (log_dir / FAILED_MARKER).write_text(traceback.format_exc())
         raise
-    (log_dir / DONE_MARKER).write_text(json.dumps(summary, indent=2))
+    if trainer.is_global_zero:
+        (log_dir / DONE_MARKER).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -224,12 +236,15 @@ def slurm_script(
 ) -> str:
     """A SLURM array job running one config of ``config_dir`` per array task.
 
-    Each task calls ``python -m lit_divnorm.sweep DIR --only CONFIG --in-process``, so it skips
-    a config that already finished and picks its version folder when it starts. ``options``
-    are extra ``#SBATCH`` options, e.g. ``["--gres=gpu:1", "--time=24:00:00"]``.
+    Each task first asks ``python -m lit_divnorm.sweep DIR --only CONFIG --next-log-dir`` for
+    its version folder (nothing when the config already finished: the task ends), then runs
+    ``srun python -m lit_divnorm.sweep --run-one CONFIG --log-dir DIR``, so every rank of a
+    multi-GPU task (``--ntasks-per-node``/``--gres`` options) logs into the same folder.
+    ``options`` are extra ``#SBATCH`` options, e.g. ``["--gres=gpu:1", "--time=24:00:00"]``.
     """
     configs = [path.resolve() for path in find_configs(config_dir)]
     runs_dir = Path(runs_dir).resolve()
+    python = shlex.quote(sys.executable)
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}",
@@ -245,13 +260,20 @@ def slurm_script(
         'CONFIG="${CONFIGS[$SLURM_ARRAY_TASK_ID]}"',
         " ".join(
             [
-                "srun",
-                shlex.quote(sys.executable),
+                "LOG_DIR=$(" + python,
                 "-m lit_divnorm.sweep",
                 shlex.quote(str(Path(config_dir).resolve())),
                 "--runs-dir",
                 shlex.quote(str(runs_dir)),
-                '--only "$CONFIG" --in-process --',
+                '--only "$CONFIG" --next-log-dir)',
+            ]
+        ),
+        'if [ -z "$LOG_DIR" ]; then echo "$CONFIG already finished"; exit 0; fi',
+        " ".join(
+            [
+                "srun",
+                python,
+                '-m lit_divnorm.sweep --run-one "$CONFIG" --log-dir "$LOG_DIR" --',
                 *(shlex.quote(o) for o in overrides),
             ]
         ),
@@ -274,6 +296,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--in-process", action="store_true", help="run configs in this process")
     parser.add_argument("--only", metavar="CONFIG", help="run only this config of the folder")
+    parser.add_argument(
+        "--next-log-dir",
+        action="store_true",
+        help="print the folder the next run of --only would log to (nothing if it finished)",
+    )
     parser.add_argument("--run-one", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--log-dir", help=argparse.SUPPRESS)
     return parser
@@ -304,11 +331,19 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
     if not options.config_dir:
         parser.error("the config folder (CONFIG_DIR) is required")
     try:
+        if options.next_log_dir:
+            if not options.only:
+                parser.error("--next-log-dir needs --only CONFIG")
+            (run,) = plan(options.config_dir, options.runs_dir, options.only)
+            if run.status == "planned":
+                print(run.log_dir.resolve())
+            return None
         if options.slurm:
             script = slurm_script(
                 options.config_dir, options.runs_dir, overrides, options=options.slurm_option
             )
             Path(options.slurm).write_text(script)
+            (Path(options.runs_dir) / "slurm").mkdir(parents=True, exist_ok=True)  # job logs
             print(f"[sweep] wrote {options.slurm}; submit with: sbatch {options.slurm}")
             return None
         runs = sweep(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -111,26 +112,33 @@ def test_dry_run_and_slurm_script_plan_without_running(swept, tmp_path):
     assert "#SBATCH --array=0-2" in script and "#SBATCH --gres=gpu:1" in script
     for config in find_configs(folder):
         assert str(config.resolve()) in script
-    assert '--only "$CONFIG" --in-process -- --trainer.max_steps=5' in script
+    assert '--log-dir "$LOG_DIR" -- --trainer.max_steps=5' in script
 
 
-def test_sweep_as_separate_processes(tmp_path):
+def test_sweep_as_separate_processes_and_the_slurm_script(tmp_path):
     folder = write_tiny_sweep(tmp_path, {"a_broken": "BROKEN", "bn": "bn"})
     runs = tmp_path / "runs"
-    command = [
-        sys.executable,
-        "-m",
-        "lit_divnorm.cli",
-        "sweep",
-        str(folder),
-        "--runs-dir",
-        str(runs),
-    ]
-    result = subprocess.run(
-        [*command, "--", "--trainer.max_steps=2"], cwd=REPO_ROOT, capture_output=True, text=True
-    )
+    command = [sys.executable, "-m", "lit_divnorm.cli", "sweep", str(folder), "--runs-dir"]
+    command += [str(runs), "--", "--trainer.max_steps=2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "1 done, 0 skipped, 1 failed" in result.stdout
-    assert (runs / "cifar10" / "bn" / "version_0" / DONE_MARKER).is_file()
+    assert "1 done, 0 skipped, 1 failed" in result.stdout  # the failure came first
     assert '"global_step": 2' in (runs / "cifar10" / "bn" / "version_0" / DONE_MARKER).read_text()
     assert (runs / "cifar10" / "a_broken" / "version_0" / FAILED_MARKER).is_file()
+
+    script = tmp_path / "job.sh"
+    cli_main(["sweep", str(folder), "--runs-dir", str(runs), "--slurm", str(script)])
+    assert (runs / "slurm").is_dir()  # SLURM opens its --output file before the job starts
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
+    (fake / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    for task, expected in ((1, "already finished"), (0, "--run-one")):
+        env["SLURM_ARRAY_TASK_ID"] = str(task)
+        ran = subprocess.run(
+            ["bash", str(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert expected in ran.stdout
+    assert f"--log-dir {runs.resolve()}/cifar10/a_broken/version_1 --" in ran.stdout
