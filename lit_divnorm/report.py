@@ -294,7 +294,8 @@ def _pyplot():
         import matplotlib
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "plots need matplotlib: pip install 'lit-divnorm[plot]' (or pip install matplotlib)"
+            "plots need matplotlib: pip install 'lit-divnorm[plot]' (or pip install matplotlib);"
+            " lit-divnorm report --no-plots writes the tables alone"
         ) from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -361,6 +362,8 @@ def plot_bars(table: Table, path: str | Path) -> Path | None:
 def write_report(runs_dir: str | Path, out: str | Path | None = None, plots: bool = True) -> Path:
     """Write ``report.md`` and the plots into ``out`` (default ``<runs_dir>/report``)."""
     runs = collect_runs(runs_dir)
+    if plots:
+        _pyplot()  # fail before writing anything when matplotlib is missing
     out = Path(out) if out is not None else Path(runs_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     sections = [f"# Results beside the paper\n\nRuns read from `{runs_dir}`: {len(runs)}.\n"]

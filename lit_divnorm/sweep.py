@@ -356,9 +356,10 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
         )
     except ValueError as error:
         parser.error(str(error))
-    counts = {status: sum(r.status == status for r in runs) for status in ("done", "skipped")}
+    counts = {s: sum(r.status == s for r in runs) for s in ("done", "skipped", "planned")}
     failed = [r for r in runs if r.status == "failed"]
-    print(f"[sweep] {counts['done']} done, {counts['skipped']} skipped, {len(failed)} failed")
+    summary = f"{counts['done']} done, {counts['skipped']} skipped, {len(failed)} failed"
+    print(f"[sweep] {summary}" + (f", {counts['planned']} planned" if options.dry_run else ""))
     if failed and options.only:
         sys.exit(1)
     return runs
