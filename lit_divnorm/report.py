@@ -160,16 +160,19 @@ def build_table(key: str, runs: list[Run]) -> Table | None:
         rows.setdefault(run.name, run.name)
         columns.setdefault(column, column)
         by_cell[(run.name, column)] = run
-    # the bicubic row reads the bicubic figure every SR run of that column logs
-    bicubic = "bicubic" in spec["rows"] and spec.get("row_metrics", {}).get("bicubic")
+    # a row with its own metric but no config (the bicubic baseline) reads that metric from
+    # any finished run of the column: every SR run logs the bicubic figure beside its own
+    derived_rows = set(spec.get("row_metrics", {})) - {run.name for run in mine}
     cells = {}
     for row in rows:
         metric = spec.get("row_metrics", {}).get(row, spec["metric"])
         for column in columns:
             paper = spec["values"].get(row, {}).get(column)
             run = by_cell.get((row, column))
-            if run is None and row == "bicubic" and bicubic:
-                run = next((r for (_, c), r in sorted(by_cell.items()) if c == column), None)
+            if run is None and row in derived_rows:
+                done = [r for (_, c), r in sorted(by_cell.items()) if c == column]
+                done = [r for r in done if r.status == "done"]
+                run = done[0] if done else None
             if row in spec["not_ours"]:
                 cells[(row, column)] = Cell(None, paper, "not run")
             elif run is None:
