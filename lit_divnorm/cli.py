@@ -3,6 +3,9 @@
     lit-divnorm fit --config configs/cifar10/dn_star.yaml
     lit-divnorm fit --config configs/cifar10/bn.yaml --model.norm dn*
     lit-divnorm test --config configs/cifar10/dn_star.yaml --ckpt_path path/to/last.ckpt
+    lit-divnorm sweep configs/cifar10/          (lit_divnorm.sweep: every config of a folder)
+    lit-divnorm report runs/                    (lit_divnorm.report: tables beside the paper)
+    lit-divnorm analyze CKPT --config CONFIG    (lit_divnorm.analysis: decorrelation, sparsity)
 
 Models and datamodules are chosen by ``class_path`` in the YAML (subclass mode), so a user's
 own ``LightningModule`` subclass works the same way.
@@ -10,6 +13,8 @@ own ``LightningModule`` subclass works the same way.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -36,7 +41,18 @@ class DivNormCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def main(args: list[str] | None = None) -> DivNormCLI:
+# subcommands of ours, dispatched before LightningCLI: name -> module with a main(argv)
+TOOL_COMMANDS = {
+    "sweep": "lit_divnorm.sweep",
+    "report": "lit_divnorm.report",
+    "analyze": "lit_divnorm.analysis",
+}
+
+
+def main(args: list[str] | None = None) -> Any:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOL_COMMANDS:
+        return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
     return DivNormCLI(
         LightningModule,
         LightningDataModule,

@@ -1,0 +1,144 @@
+"""Sweep three tiny configs (one broken), report them beside the paper, re-run, plot."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from lit_divnorm.cli import main as cli_main
+from lit_divnorm.paper_results import PAPER_TABLES
+from lit_divnorm.sweep import DONE_MARKER, FAILED_MARKER, find_configs, slurm_script
+from tests.conftest import REPO_ROOT
+from tests.results.tiny_configs import write_tiny_sweep
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+]
+
+
+def _last_value(metrics_csv, column):
+    """The last non-empty ``column`` of a CSVLogger file, read directly."""
+    with open(metrics_csv, newline="") as handle:
+        values = [row[column] for row in csv.DictReader(handle) if row.get(column)]
+    return float(values[-1])
+
+
+def _table_rows(markdown: str, title: str) -> dict[str, list[str]]:
+    section = markdown.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| Model"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    folder = write_tiny_sweep(
+        root, {"bn": "bn", "dn_star": {"name": "dn*", "sigma": 0.5}, "bn_l1": "BROKEN"}
+    )
+    runs = root / "runs"
+    first = cli_main(["sweep", str(folder), "--runs-dir", str(runs), "--in-process"])
+    return root, folder, runs, first
+
+
+def test_sweep_runs_every_config_and_a_failure_does_not_stop_the_others(swept):
+    _, _, runs, first = swept
+    status = {run.config.stem: run.status for run in first}
+    assert status == {"bn": "done", "bn_l1": "failed", "dn_star": "done"}  # _data.yaml skipped
+    assert [run.config.stem for run in first] == ["bn", "bn_l1", "dn_star"]  # ran in order
+    for name in ("bn", "dn_star"):
+        log_dir = runs / "cifar10" / name / "version_0"
+        assert (log_dir / DONE_MARKER).is_file()
+        assert (log_dir / "metrics.csv").is_file() and (log_dir / "config.yaml").is_file()
+        assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+    failed = runs / "cifar10" / "bn_l1" / "version_0"
+    assert "no-such-norm" in (failed / FAILED_MARKER).read_text()
+    assert not (failed / DONE_MARKER).exists()
+
+
+def test_rerun_skips_finished_runs_and_retries_failed_ones(swept):
+    _, folder, runs, _ = swept
+    again = cli_main(["sweep", str(folder), "--runs-dir", str(runs), "--in-process"])
+    status = {run.config.stem: run.status for run in again}
+    assert status == {"bn": "skipped", "dn_star": "skipped", "bn_l1": "failed"}
+    assert not (runs / "cifar10" / "bn" / "version_1").exists()
+    assert (runs / "cifar10" / "bn_l1" / "version_1" / FAILED_MARKER).is_file()
+
+
+def test_report_table_has_ours_beside_the_paper_and_marks_missing_runs(swept, tmp_path):
+    _, _, runs, _ = swept
+    report = cli_main(["report", str(runs), "--out", str(tmp_path)])
+    markdown = report.read_text()
+    rows = _table_rows(markdown, "Table 3: CIFAR test accuracy")
+    spec = PAPER_TABLES["cifar"]
+    assert list(rows) == list(spec["rows"].values())  # every paper row, in the paper's order
+    for name, label in (("bn", "BN"), ("dn_star", "DN*")):
+        ours = _last_value(runs / "cifar10" / name / "version_0" / "metrics.csv", "test/acc")
+        paper = spec["values"][name]["cifar10"]
+        # columns: C10 ours, paper, diff, C100 ours, paper, diff
+        assert rows[label][:3] == [f"{ours:.4f}", f"{paper:.4f}", f"{ours - paper:+.4f}"]
+        assert rows[label][3] == "missing"
+        assert rows[label][4] == f"{spec['values'][name]['cifar100']:.4f}"
+    assert rows["BN +L1"][:3] == ["failed", "0.8067", "—"]  # ran and failed: no number, no 0
+    assert rows["LN"][0] == "missing"
+    assert rows["Baseline"][:3] == ["missing", "0.7565", "—"]
+    assert "Table 4" not in markdown  # no PTB run, no PTB table
+    for name in ("bars_cifar.png", "curves_cifar10.png"):
+        with Image.open(tmp_path / name) as image:
+            image.verify()
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 300
+            colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+            assert colours is not None and len(colours) > 20  # lines/bars, not a blank canvas
+
+
+def test_dry_run_and_slurm_script_plan_without_running(swept, tmp_path):
+    _, folder, _, _ = swept
+    planned = cli_main(["sweep", str(folder), "--runs-dir", str(tmp_path / "r"), "--dry-run"])
+    assert [run.status for run in planned] == ["planned"] * 3
+    assert not (tmp_path / "r").exists()
+    script = slurm_script(
+        folder, tmp_path / "r", ["--trainer.max_steps=5"], options=["--gres=gpu:1"]
+    )
+    assert "#SBATCH --array=0-2" in script and "#SBATCH --gres=gpu:1" in script
+    for config in find_configs(folder):
+        assert str(config.resolve()) in script
+    assert '--log-dir "$LOG_DIR" -- --trainer.max_steps=5' in script
+
+
+def test_sweep_as_separate_processes_and_the_slurm_script(tmp_path):
+    folder = write_tiny_sweep(tmp_path, {"a_broken": "BROKEN", "bn": "bn"})
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "lit_divnorm.cli", "sweep", str(folder), "--runs-dir"]
+    command += [str(runs), "--", "--trainer.max_steps=2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 done, 0 skipped, 1 failed" in result.stdout  # the failure came first
+    assert '"global_step": 2' in (runs / "cifar10" / "bn" / "version_0" / DONE_MARKER).read_text()
+    assert (runs / "cifar10" / "a_broken" / "version_0" / FAILED_MARKER).is_file()
+
+    script = tmp_path / "job.sh"
+    cli_main(["sweep", str(folder), "--runs-dir", str(runs), "--slurm", str(script)])
+    assert (runs / "slurm").is_dir()  # SLURM opens its --output file before the job starts
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
+    (fake / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    for task, expected in ((1, "already finished"), (0, "--run-one")):
+        env["SLURM_ARRAY_TASK_ID"] = str(task)
+        ran = subprocess.run(
+            ["bash", str(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert expected in ran.stdout
+    assert f"--log-dir {runs.resolve()}/cifar10/a_broken/version_1 --" in ran.stdout
