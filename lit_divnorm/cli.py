@@ -63,5 +63,16 @@ def main(args: list[str] | None = None) -> Any:
     )
 
 
+def console_main() -> int:
+    """The ``lit-divnorm`` console script: :func:`main` as a process exit status (1 when a
+    sweep had a failed run)."""
+    result = main()
+    if isinstance(result, int):
+        return result
+    if isinstance(result, list) and any(getattr(run, "status", "") == "failed" for run in result):
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(console_main())
