@@ -121,8 +121,8 @@ def test_sweep_as_separate_processes_and_the_slurm_script(tmp_path):
     command = [sys.executable, "-m", "lit_divnorm.cli", "sweep", str(folder), "--runs-dir"]
     command += [str(runs), "--", "--trainer.max_steps=2"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "1 done, 0 skipped, 1 failed" in result.stdout  # the failure came first
+    assert result.returncode == 1, result.stderr[-2000:]  # a failed run fails the sweep...
+    assert "1 done, 0 skipped, 1 failed" in result.stdout  # ...after the others ran
     assert '"global_step": 2' in (runs / "cifar10" / "bn" / "version_0" / DONE_MARKER).read_text()
     assert (runs / "cifar10" / "a_broken" / "version_0" / FAILED_MARKER).is_file()
 
