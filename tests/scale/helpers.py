@@ -96,3 +96,26 @@ class RecordRank(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class PoisonAfter(nn.Module):
+    """Identity for the first ``calls - 1`` training forwards, then ``x * inf`` (inf/NaN)."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = calls
+        self.count = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.count += 1
+        if self.training and self.count >= self.calls:
+            return x * float("inf")
+        return x
+
+
+class SqrtOfZero(nn.Module):
+    """``x + sqrt(0 * x)``: the output is ``x`` (finite), the gradient is NaN (inf * 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.sqrt(x * 0.0)
