@@ -73,7 +73,8 @@ class RecordRank(Callback):
         self.record["batches"].append([t.clone() for t in batch])
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:
-        self.record["val_batches"].append([t.clone() for t in batch])
+        if not trainer.sanity_checking:
+            self.record["val_batches"].append([t.clone() for t in batch])
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "grads" not in self.record:  # after DDP's all-reduce: the mean over ranks
