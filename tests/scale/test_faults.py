@@ -173,3 +173,23 @@ def test_saved_file_has_the_usual_permissions(tmp_path):
     reference = tmp_path / "plain"
     reference.write_bytes(b"")
     assert (path.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)
+
+
+class _RunsCode:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_load_from_checkpoint_does_not_run_code_from_the_file(tmp_path):
+    """``Task.load_from_checkpoint`` (Lightning -> ``torch.load``, weights-only by default
+    since torch 2.6) and our reader both refuse a pickle that would call ``os.mkdir``."""
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": _RunsCode(str(tmp_path / "pwned"))}, evil)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        ClassificationTask.load_from_checkpoint(evil)
+    with pytest.raises(ValueError, match="will not run code"):
+        load_checkpoint_safely(evil)
+    assert not (tmp_path / "pwned").exists()
