@@ -5,8 +5,9 @@ file, a wrong checkpoint, a Lightning misconfiguration) are printed to stderr as
 and end the process with exit code 2 (:data:`USAGE_EXIT_CODE`), and so do command-line
 parsing errors (``DivNormCLI`` makes jsonargparse raise them instead of printing its 60-line
 usage); a non-finite loss stopped by :class:`~lit_divnorm.callbacks.NonFiniteDetector` exits
-with 3. Set the environment variable ``LIT_DIVNORM_TRACEBACK=1`` to get the full traceback
-instead. Anything else (a bug) keeps Python's traceback.
+with 3, and a run stopped by SIGTERM (which Lightning ends with exit code 0) with 143. Set
+the environment variable ``LIT_DIVNORM_TRACEBACK=1`` to get the full traceback instead.
+Anything else (a bug) keeps Python's traceback.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_divnorm.callbacks import NonFiniteError
 
 USAGE_EXIT_CODE = 2
 NON_FINITE_EXIT_CODE = 3
+SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 TRACEBACK_VARIABLE = "LIT_DIVNORM_TRACEBACK"
 USER_ERRORS = (
     ValueError,
@@ -92,6 +95,13 @@ def friendly_errors() -> Iterator[None]:
         return
     try:
         yield
+    except SIGTERMException:  # Lightning stops at the next batch and raises SystemExit(None)
+        print(
+            "lit-divnorm: stopped: received SIGTERM; training ended at a batch boundary. "
+            "Run the same command with --ckpt_path last to continue from the last checkpoint.",
+            file=sys.stderr,
+        )
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
     except NonFiniteError as error:
         _report(error, "training stopped", NON_FINITE_EXIT_CODE)
     except argparse.ArgumentError as error:

@@ -104,6 +104,7 @@ def _kill_and_resume(tmp: Path, data: Path, run: str, signum: int) -> tuple[dict
         time.sleep(0.05)
     process.send_signal(signum)
     returncode = process.wait(timeout=60)
+    stderr = process.stderr.read().decode()
     process.stderr.close()
     saved = load_checkpoint_safely(tmp / run / "ckpt" / "last.ckpt")
     threads = torch.get_num_threads()
@@ -117,6 +118,7 @@ def _kill_and_resume(tmp: Path, data: Path, run: str, signum: int) -> tuple[dict
         "killed_step": saved["global_step"],
         "killed_epoch": saved["epoch"],
         "returncode": returncode,
+        "stderr": stderr,
     }
     return resumed
 
@@ -136,6 +138,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setting, signum):
     resumed = _kill_and_resume(tmp, data, f"killed_{signum.name}", signum)
     if signum == signal.SIGKILL:
         assert resumed["returncode"] == -signal.SIGKILL
+    else:  # Lightning stops at the batch boundary; the CLI says so and exits 128 + 15
+        assert resumed["returncode"] == 143
+        assert "received SIGTERM" in resumed["stderr"] and "--ckpt_path last" in resumed["stderr"]
     # the killed run's last checkpoint is the end of epoch 0, not its last step (5)
     assert (resumed["killed_step"], resumed["killed_epoch"]) == (4, 0)
     _assert_same_end(resumed, whole)
