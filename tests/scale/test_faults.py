@@ -83,6 +83,7 @@ def test_cli_run_that_diverges_exits_3_with_one_paragraph(tmp_path, capsys):
         "trainer": {
             "accelerator": "cpu",
             "max_steps": 6,
+            "default_root_dir": str(tmp_path),
             "logger": False,
             "enable_checkpointing": False,
             "enable_progress_bar": False,
