@@ -96,7 +96,9 @@ def load_checkpoint_safely(path: str | os.PathLike, map_location: MapLocation = 
     try:
         checkpoint = torch.load(local, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        named = [line for line in lines if "GLOBAL" in line]  # which object it tried to load
+        reason = (named or lines or [type(error).__name__])[0]
         raise ValueError(
             f"checkpoint {str(path)!r} holds objects other than tensors and plain containers "
             f"({reason}); lit-divnorm loads checkpoints weights-only and will not run code "
