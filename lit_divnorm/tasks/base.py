@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lit_divnorm.checkpoint import check_compatible
 from lit_divnorm.norm.layers import DivisiveNorm
 from lit_divnorm.norm.sparsity import clear_sparsity, sparsity_penalty
 
@@ -76,6 +77,14 @@ class NormalizedTask(LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint saved from another configuration (before any weight is loaded).
+
+        Raises :class:`~lit_divnorm.checkpoint.CheckpointMismatchError` naming the differing
+        hyper-parameters and weights, instead of a silent or partial load.
+        """
+        check_compatible(checkpoint, self.hparams, self.state_dict(), type(self).__name__)
 
     def learned_sigmas(self) -> dict[str, Tensor]:
         """``{module name: sigma}`` for every norm layer of the model with a learned sigma."""

@@ -164,7 +164,12 @@ class LanguageModelTask(NormalizedTask):
         metric.update(nll_sum, targets.numel())
         batch_size = inputs.shape[0]
         self.log(
-            f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, batch_size=batch_size
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=stage != "train",
         )
         self.log(
             f"{stage}/ppl",

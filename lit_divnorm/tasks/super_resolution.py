@@ -186,16 +186,29 @@ class SuperResolutionTask(NormalizedTask):
             )
         loss = F.mse_loss(output, target)
         size = bicubic.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, batch_size=size)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            batch_size=size,
+            sync_dist=stage != "train",
+        )
         if stage != "train":
             truth = to_pixels(target)
             for name, image in (("", output), ("_bicubic", center_crop(bicubic, border))):
                 pixels = to_pixels(image)
                 self.log(
-                    f"{stage}/psnr{name}", psnr_per_image(pixels, truth).mean(), batch_size=size
+                    f"{stage}/psnr{name}",
+                    psnr_per_image(pixels, truth).mean(),
+                    batch_size=size,
+                    sync_dist=True,
                 )
                 self.log(
-                    f"{stage}/ssim{name}", ssim_per_image(pixels, truth).mean(), batch_size=size
+                    f"{stage}/ssim{name}",
+                    ssim_per_image(pixels, truth).mean(),
+                    batch_size=size,
+                    sync_dist=True,
                 )
         return loss, output
 

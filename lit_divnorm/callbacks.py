@@ -1,0 +1,235 @@
+"""Callbacks for long unattended runs: resumable checkpoints and a non-finite detector.
+
+* :class:`ResumeCheckpoint` writes ``last.ckpt`` every ``every_n_train_steps`` optimizer
+  steps and at the end of every training epoch (atomically, through the
+  :class:`~lit_divnorm.checkpoint.AtomicCheckpointIO` that ``DivNormCLI`` installs), together
+  with the random-number-generator states, so ``lit-divnorm fit ... --ckpt_path last``
+  continues a killed run and, from an epoch-end checkpoint, replays the same data order and
+  ends with the same weights as an uninterrupted run.
+* :class:`NonFiniteDetector` (opt-in) stops training with :class:`NonFiniteError` when the
+  loss or a gradient is NaN/inf, naming the global step and the first layer (in execution
+  order) whose output went non-finite, instead of training on garbage.
+
+Enable from the command line:
+
+    lit-divnorm fit --config ... --trainer.callbacks+=lit_divnorm.callbacks.NonFiniteDetector
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """The torch (CPU and CUDA), numpy and Python RNG states, as tensors and plain types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            kind,
+            torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            pos,
+            has_gauss,
+            cached,
+        ],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` steps and at every training epoch end.
+
+    Args:
+        dirpath: folder of ``last.ckpt``; ``None`` is Lightning's default
+            (``<logger log_dir>/checkpoints``). Give the logger a fixed ``version`` (or set
+            ``dirpath``) so that a resumed run finds the folder of the killed one.
+        every_n_train_steps: optimizer steps between checkpoints (0: epoch ends only).
+
+    The checkpoint also stores the RNG states (torch, CUDA, numpy, Python): resuming from an
+    epoch-end checkpoint draws the same shuffles and dropout masks as the uninterrupted run.
+    A step checkpoint in the middle of an epoch resumes the counters and weights, but the
+    partly seen epoch's data order is not replayed.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000) -> None:
+        if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int):
+            raise TypeError(f"every_n_train_steps must be an int, got {every_n_train_steps!r}")
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,
+        )
+
+    def _fitting(self, trainer: Trainer) -> bool:
+        return not (
+            trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING
+        )
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        every = self._every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0 and self._fitting(trainer):
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._fitting(trainer):  # also when a step checkpoint fell on the same step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng_states": capture_rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rng_states = state_dict.pop("rng_states", None)
+        super().load_state_dict(state_dict)
+        if rng_states is not None:
+            restore_rng_states(rng_states)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient."""
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+class NonFiniteDetector(Callback):
+    """Stop training at the first NaN/inf loss or gradient and say where it came from.
+
+    Forward hooks on every submodule record, per training batch, whether each module's
+    floating-point output was finite (one small flag tensor per module; read only when the
+    loss or a gradient is non-finite). The error names the global step, the epoch and batch,
+    and the first module, in the order the modules finished their forward pass, whose output
+    held a NaN or inf (for a nested model the innermost layer comes first); for a gradient it
+    names the first parameter whose gradient is non-finite.
+
+    Args:
+        check_gradients: also check every gradient before the optimizer step.
+    """
+
+    def __init__(self, check_gradients: bool = True) -> None:
+        self.check_gradients = check_gradients
+        self._handles: list[RemovableHandle] = []
+        self._flags: list[tuple[str, nn.Module, Tensor]] = []
+        self._recording = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.teardown(trainer, pl_module, stage)
+        for name, module in pl_module.named_modules():
+            if module is pl_module:
+                continue
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not self._recording:
+                return
+            flags = [torch.isfinite(t).all() for t in _tensors(output) if t.is_floating_point()]
+            if flags:
+                self._flags.append((name, module, torch.stack(flags).all()))
+
+        return record
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._flags = []
+        self._recording = True
+        self._batch_idx = batch_idx
+
+    def on_before_backward(
+        self, trainer: Trainer, pl_module: LightningModule, loss: Tensor
+    ) -> None:
+        self._recording = False
+        if bool(torch.isfinite(loss.detach()).all()):
+            self._flags = []
+            return
+        raise NonFiniteError(
+            f"{self._where(trainer)}: the training loss is {loss.detach().float().item()}; "
+            f"{self._first_bad_layer()}. Training was stopped so that it does not go on with "
+            "garbage; lower the learning rate, raise sigma/eps, or clip gradients."
+        )
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._recording = False
+        if not self.check_gradients:
+            return
+        for name, parameter in pl_module.named_parameters():
+            grad = parameter.grad
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                raise NonFiniteError(
+                    f"{self._where(trainer)}: the gradient of parameter '{name}' is not finite "
+                    f"(the loss was finite); {self._first_bad_layer()}. Training was stopped; "
+                    "lower the learning rate, raise sigma/eps, or clip gradients."
+                )
+        self._flags = []
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._recording = False
+        self._flags = []
+
+    def _where(self, trainer: Trainer) -> str:
+        return (
+            f"non-finite value at global step {trainer.global_step} (epoch "
+            f"{trainer.current_epoch}, batch {getattr(self, '_batch_idx', '?')})"
+        )
+
+    def _first_bad_layer(self) -> str:
+        if not self._flags:
+            return "no layer output was recorded"
+        finite = torch.stack([flag for _, _, flag in self._flags]).tolist()
+        for (name, module, _), ok in zip(self._flags, finite):
+            if not ok:
+                return (
+                    f"the first layer whose output went non-finite is '{name}' "
+                    f"({type(module).__name__})"
+                )
+        return "every layer's output was finite, so the loss computation itself overflowed"
