@@ -9,7 +9,9 @@ model is the paper's (PAPER.md section 2): embedding 200, two recurrent layers o
 decoder to a 10k vocabulary, batch 20, 20 steps, DN window 30 (LSTM) or 60 (RNNs). For each
 cell it prints the median time of a step and the tokens per second (``N * T / time``) of
 :class:`RNNLanguageModel` with each norm next to the same model built on ``torch.nn.LSTM``
-(``torch.nn.RNN`` for the tanh/ReLU cells), with ratios against that model from the same run.
+(``torch.nn.RNN`` for the tanh/ReLU cells). The models take turns, one step each per round, so
+that a drift of the machine's speed hits all alike; ``x torch`` is the median over rounds of
+the torch model's step time over this model's (throughput relative to torch's).
 """
 
 from __future__ import annotations
@@ -61,15 +63,21 @@ def make_step(model: nn.Module, tokens: Tensor, targets: Tensor) -> Callable[[],
     return step
 
 
-def median_ms(step: Callable[[], None], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
+def interleaved_ms(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Times of ``repeats`` rounds, each running one step of every model in turn (so that a
+    drift of the machine's speed hits all of them alike)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def main() -> None:
@@ -88,17 +96,17 @@ def main() -> None:
     )
     for cell in args.cells:
         peer = "torch.nn.LSTM" if cell == "lstm" else f"torch.nn.RNN({cell})"
-        rows = {peer: median_ms(make_step(TorchLanguageModel(cell), tokens, targets), args.repeats)}
+        steps = {peer: make_step(TorchLanguageModel(cell), tokens, targets)}
         for norm in args.norms:
             model = RNNLanguageModel(VOCAB, cell=cell, hidden_sizes=[HIDDEN] * LAYERS, norm=norm)
-            rows[f"{norm} ({model.layers[0].placement})"] = median_ms(
-                make_step(model, tokens, targets), args.repeats
-            )
+            steps[f"{norm} ({model.layers[0].placement})"] = make_step(model, tokens, targets)
+        times = interleaved_ms(steps, args.repeats)
         print(f"\ncell {cell}")
         print(f"{'model':<26}{'ms/step':>9}{'tokens/s':>10}{'x torch':>9}")
-        for name, ms in rows.items():
-            rate = BATCH * STEPS / (ms / 1e3)
-            print(f"{name:<26}{ms:9.1f}{rate:10.0f}{rows[peer] / ms:9.2f}")
+        for name, values in times.items():
+            ms = statistics.median(values)
+            ratio = statistics.median(a / b for a, b in zip(times[peer], values, strict=True))
+            print(f"{name:<26}{ms:9.1f}{BATCH * STEPS / ms * 1e3:10.0f}{ratio:9.2f}")
 
 
 if __name__ == "__main__":

@@ -260,3 +260,69 @@ def fused_lstm(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See :class:`FusedLSTM`: ``outputs (T, N, H)``, ``h_T``, ``c_T``, ``l1``."""
     return FusedLSTM.apply(projected, h0, c0, hidden_weight, gate_plan, cell_plan)
+
+
+class FusedRNN(torch.autograd.Function):
+    """A vanilla RNN layer with a norm on the joint pre-activation (placement ``"joint"``).
+
+    ``projected (T, N, H) = W_x x + b``, ``h0 (N, H)``, ``hidden_weight (H, H)``::
+
+        a_t = projected_t + h_{t-1} W_h^T;  h_t = act(G(a_t));  l1 = alpha / (N H) sum_t sum|v|
+
+    Returns ``outputs (T, N, H)``, ``h_T`` and ``l1`` (0-d).
+    """
+
+    @staticmethod
+    def forward(ctx, projected, h0, hidden_weight, plan, relu):  # type: ignore[override]
+        steps, batch, hidden = projected.shape
+        weight_t = hidden_weight.T
+        keep_v = plan.scale is not None or plan.l1 > 0
+        norm_v = projected.new_empty(steps, batch, hidden) if keep_v else None
+        norm_r = None if plan.scale is None else projected.new_empty(norm_v.shape)
+        hs = projected.new_empty(steps + 1, batch, hidden)
+        hs[0] = h0
+        for t in range(steps):
+            z, v, r = plan.forward(torch.addmm(projected[t], hs[t], weight_t))
+            if keep_v:
+                norm_v[t] = v
+            if r is not None:
+                norm_r[t] = r
+            if relu:
+                torch.clamp(z, min=0.0, out=hs[t + 1])
+            else:
+                torch.tanh(z, out=hs[t + 1])
+        l1 = projected.new_zeros(())
+        if plan.l1 > 0:
+            l1 = l1 + norm_v.abs().sum() * (plan.l1 / (batch * hidden))
+        ctx.save_for_backward(hidden_weight, hs, norm_v, norm_r)
+        ctx.plan, ctx.relu = plan, relu
+        return hs[1:].clone(), hs[steps].clone(), l1
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_h, grad_l1):  # type: ignore[override]
+        hidden_weight, hs, norm_v, norm_r = ctx.saved_tensors
+        plan, relu = ctx.plan, ctx.relu
+        steps, batch, hidden = grad_out.shape
+        l1_coef = grad_l1 * (plan.l1 / (batch * hidden)) if plan.l1 > 0 else None
+        grad_a = grad_out.new_empty(steps, batch, hidden)
+        grad_h = grad_h.clone()
+        for t in reversed(range(steps)):
+            grad_h = grad_h + grad_out[t]
+            h = hs[t + 1]
+            grad_z = grad_h * (h > 0) if relu else grad_h * (1 - h * h)
+            v = None if norm_v is None else norm_v[t]
+            r = None if norm_r is None else norm_r[t]
+            ga = plan.backward(grad_z, v, r, l1_coef)
+            grad_a[t] = ga
+            grad_h = ga @ hidden_weight
+        flat = grad_a.view(steps * batch, hidden)
+        grad_weight = flat.T @ hs[:steps].reshape(steps * batch, hidden)
+        return grad_a, grad_h, grad_weight, None, None
+
+
+def fused_rnn(
+    projected: Tensor, h0: Tensor, hidden_weight: Tensor, plan: FeatureNormPlan, relu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """See :class:`FusedRNN`: ``outputs (T, N, H)``, ``h_T``, ``l1``."""
+    return FusedRNN.apply(projected, h0, hidden_weight, plan, relu)

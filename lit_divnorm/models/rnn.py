@@ -44,6 +44,7 @@ from lit_divnorm.models.fused_rnn import (
     can_run_fused,
     feature_norm_plan,
     fused_lstm,
+    fused_rnn,
 )
 from lit_divnorm.norm.layers import DivisiveNorm
 from lit_divnorm.norm.registry import NormSpec, build_norm
@@ -153,6 +154,9 @@ class RNNLayer(RecurrentLayer):
         placement: ``"auto"``, ``"separate"`` or ``"joint"`` (see the module docstring).
         layer_window: window of a local norm over the hidden units (the paper: 60).
         time_steps: steps with their own batch statistics (per-time-step BN).
+        fused: the fast path of :mod:`lit_divnorm.models.fused_rnn` where it applies
+            (placement ``"joint"`` with a per-sample norm without learned parameters,
+            float32/float64 outside autocast); ``False``: always the step-by-step loop.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class RNNLayer(RecurrentLayer):
         placement: Placement = "auto",
         layer_window: int | None = 60,
         time_steps: int = 20,
+        fused: bool = True,
     ) -> None:
         super().__init__(input_size, hidden_size, gates=1)
         if nonlinearity not in ("tanh", "relu"):
@@ -171,6 +176,7 @@ class RNNLayer(RecurrentLayer):
         if placement not in RNN_PLACEMENTS:
             raise ValueError(f"placement must be one of {RNN_PLACEMENTS}, got {placement!r}")
         self.nonlinearity = nonlinearity
+        self.fused = fused
         self.activation = torch.tanh if nonlinearity == "tanh" else torch.relu
 
         def slot() -> StepwiseNorm:
@@ -192,6 +198,15 @@ class RNNLayer(RecurrentLayer):
         """``inputs (T, N, input_size)``, ``state (N, H)`` -> outputs ``(T, N, H)``, last state."""
         self._check_inputs(inputs)
         h = self.initial_state(inputs.shape[1], inputs) if state is None else state
+        plan = self._fused_plan(inputs)
+        if plan is not None:
+            projected = _project(inputs, self.input_weight, self.bias)
+            outputs, h, l1 = fused_rnn(
+                projected, h, self.hidden_weight, plan, self.nonlinearity == "relu"
+            )
+            if plan.l1 > 0:
+                record_sparsity(self.norm.first, l1, 1.0)  # l1 >= 0: the summed terms
+            return outputs, h
         projected = inputs @ self.input_weight.t()
         if self.placement == "joint":
             projected = projected + self.bias
@@ -205,6 +220,12 @@ class RNNLayer(RecurrentLayer):
             h = self.activation(z)
             outputs.append(h)
         return torch.stack(outputs), h
+
+    def _fused_plan(self, inputs: Tensor) -> FeatureNormPlan | None:
+        """The norm as a :class:`FeatureNormPlan`, or ``None`` for the step-by-step loop."""
+        if not self.fused or self.placement != "joint" or not can_run_fused(inputs):
+            return None
+        return feature_norm_plan(self.norm.first, self.hidden_size, inputs.dtype, inputs.device)
 
     def extra_repr(self) -> str:
         return (
@@ -306,9 +327,7 @@ class LSTMLayer(RecurrentLayer):
     def _forward_fused(
         self, inputs: Tensor, h: Tensor, c: Tensor, gate: FeatureNormPlan, cell: FeatureNormPlan
     ) -> tuple[Tensor, LSTMState]:
-        projected = torch.addmm(
-            self.bias, inputs.reshape(-1, self.input_size), self.input_weight.t()
-        ).view(inputs.shape[0], inputs.shape[1], -1)
+        projected = _project(inputs, self.input_weight, self.bias)
         outputs, h, c, l1 = fused_lstm(projected, h, c, self.hidden_weight, gate, cell)
         if gate.l1 > 0 or cell.l1 > 0:
             # one term for every slot and step: alpha * mean|v| summed (l1 >= 0, so |l1| = l1)
@@ -318,6 +337,12 @@ class LSTMLayer(RecurrentLayer):
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, placement={self.placement}"
+
+
+def _project(inputs: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``W_x x + b`` for every time step in one product: ``(T, N, in)`` -> ``(T, N, G H)``."""
+    flat = torch.addmm(bias, inputs.reshape(-1, inputs.shape[2]), weight.t())
+    return flat.view(inputs.shape[0], inputs.shape[1], -1)
 
 
 def _check_positive(name: str, value: object) -> None:

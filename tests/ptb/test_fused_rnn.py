@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lit_divnorm.models.rnn import LSTMLayer
+from lit_divnorm.models.rnn import LSTMLayer, RNNLayer
 from lit_divnorm.norm.registry import list_norms
 from lit_divnorm.norm.sparsity import sparsity_penalty
 
@@ -25,9 +25,13 @@ LOOP_ONLY = [n for n in list_norms() if n not in FUSABLE and n != "gn"] + [
 NORMS = [(n, True) for n in FUSABLE + FUSABLE_SPECS] + [(n, False) for n in LOOP_ONLY]
 
 
-def _run(layer: LSTMLayer, x: Tensor, h0: Tensor, c0: Tensor) -> dict[str, Tensor]:
+def _run(layer: LSTMLayer | RNNLayer, x: Tensor, h0: Tensor, c0: Tensor) -> dict[str, Tensor]:
     x, h0, c0 = (t.detach().clone().requires_grad_() for t in (x, h0, c0))
-    out, (h, c) = layer(x, (h0, c0))
+    if isinstance(layer, LSTMLayer):
+        out, (h, c) = layer(x, (h0, c0))
+    else:
+        out, h = layer(x, h0)
+        c = h0 * c0  # gives c0 a gradient on both paths
     penalty = sparsity_penalty(layer)
     weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     loss = (out * weights).sum() + (h * h).sum() + c.sum() + 3 * penalty
@@ -41,8 +45,14 @@ def _run(layer: LSTMLayer, x: Tensor, h0: Tensor, c0: Tensor) -> dict[str, Tenso
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(("norm", "fast"), NORMS, ids=str)
-def test_fused_lstm_equals_the_step_loop(norm: object, fast: bool, training: bool) -> None:
-    fused = LSTMLayer(5, 6, norm=norm, layer_window=3, time_steps=2).double()
+@pytest.mark.parametrize("cell", ["lstm", "tanh", "relu"])
+def test_fused_layer_equals_the_step_loop(
+    cell: str, norm: object, fast: bool, training: bool
+) -> None:
+    if cell == "lstm":
+        fused = LSTMLayer(5, 6, norm=norm, layer_window=3, time_steps=2).double()
+    else:
+        fused = RNNLayer(5, 6, cell, norm=norm, layer_window=3, time_steps=2).double()
     with torch.no_grad():
         for p in fused.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -50,7 +60,9 @@ def test_fused_lstm_equals_the_step_loop(norm: object, fast: bool, training: boo
     loop.fused = False
     fused.train(training)
     loop.train(training)
-    assert (fused._fused_plans(torch.zeros(1, 1, 5, dtype=torch.float64)) is not None) == fast
+    probe = torch.zeros(1, 1, 5, dtype=torch.float64)
+    plan = fused._fused_plans(probe) if cell == "lstm" else fused._fused_plan(probe)
+    assert (plan is not None) == fast
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     h0, c0 = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
     got, want = _run(fused, x, h0, c0), _run(loop, x, h0, c0)
