@@ -1,6 +1,6 @@
 """Training throughput of the normalized PTB language models against torch's fused RNNs.
 
-    python benchmarks/rnn.py [--repeats 20] [--cells lstm tanh] [--norms none ln* dn*]
+    python benchmarks/rnn.py [--rounds 4] [--block 5] [--cells lstm tanh] [--norms none ln* dn*]
 
 One training step is what :class:`LanguageModelTask` does per batch: forward of the batch of
 ``N`` streams of ``T`` tokens, the summed cross-entropy over steps averaged over streams plus
@@ -9,9 +9,10 @@ model is the paper's (PAPER.md section 2): embedding 200, two recurrent layers o
 decoder to a 10k vocabulary, batch 20, 20 steps, DN window 30 (LSTM) or 60 (RNNs). For each
 cell it prints the median time of a step and the tokens per second (``N * T / time``) of
 :class:`RNNLanguageModel` with each norm next to the same model built on ``torch.nn.LSTM``
-(``torch.nn.RNN`` for the tanh/ReLU cells). The models take turns, one step each per round, so
-that a drift of the machine's speed hits all alike; ``x torch`` is the median over rounds of
-the torch model's step time over this model's (throughput relative to torch's).
+(``torch.nn.RNN`` for the tanh/ReLU cells). The models take turns, ``--block`` steps each per
+round, so that a drift of the machine's speed hits all alike; ``ms/step`` is the median over
+all steps, ``x torch`` the median over rounds of the torch model's median step time over this
+model's (throughput relative to torch's).
 """
 
 from __future__ import annotations
@@ -64,25 +65,29 @@ def make_step(model: nn.Module, tokens: Tensor, targets: Tensor) -> Callable[[],
 
 
 def interleaved_ms(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 3
-) -> dict[str, list[float]]:
-    """Times of ``repeats`` rounds, each running one step of every model in turn (so that a
-    drift of the machine's speed hits all of them alike)."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
+    steps: dict[str, Callable[[], None]], rounds: int, block: int, warmup: int = 3
+) -> dict[str, list[list[float]]]:
+    """Step times in ms, ``[round][step]`` per model: in each round every model in turn runs
+    ``block`` steps (after ``warmup`` steps before its first), so that a drift of the
+    machine's speed hits all models alike while each block runs with warm caches."""
+    times: dict[str, list[list[float]]] = {name: [] for name in steps}
+    for index in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(warmup if index == 0 else 1):
+                step()
+            block_times = []
+            for _ in range(block):
+                start = time.perf_counter()
+                step()
+                block_times.append((time.perf_counter() - start) * 1e3)
+            times[name].append(block_times)
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--block", type=int, default=5, help="consecutive steps per round")
     parser.add_argument("--cells", nargs="*", default=["lstm", "tanh", "relu"])
     parser.add_argument("--norms", nargs="*", default=["none", "ln*", "dn*"])
     args = parser.parse_args()
@@ -92,7 +97,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, cpu, threads {torch.get_num_threads()}, float32")
     print(
         f"PTB model: vocab {VOCAB}, {LAYERS}x{HIDDEN}, batch {BATCH}, {STEPS} steps; "
-        f"median of {args.repeats} training steps (forward, backward, clip, SGD)"
+        f"median of {args.rounds} rounds x {args.block} training steps (forward, backward, "
+        "clip, SGD)"
     )
     for cell in args.cells:
         peer = "torch.nn.LSTM" if cell == "lstm" else f"torch.nn.RNN({cell})"
@@ -100,12 +106,13 @@ def main() -> None:
         for norm in args.norms:
             model = RNNLanguageModel(VOCAB, cell=cell, hidden_sizes=[HIDDEN] * LAYERS, norm=norm)
             steps[f"{norm} ({model.layers[0].placement})"] = make_step(model, tokens, targets)
-        times = interleaved_ms(steps, args.repeats)
+        times = interleaved_ms(steps, args.rounds, args.block)
         print(f"\ncell {cell}")
         print(f"{'model':<26}{'ms/step':>9}{'tokens/s':>10}{'x torch':>9}")
-        for name, values in times.items():
-            ms = statistics.median(values)
-            ratio = statistics.median(a / b for a, b in zip(times[peer], values, strict=True))
+        for name, blocks in times.items():
+            ms = statistics.median(t for block in blocks for t in block)
+            pairs = zip(times[peer], blocks, strict=True)
+            ratio = statistics.median(statistics.median(a) / statistics.median(b) for a, b in pairs)
             print(f"{name:<26}{ms:9.1f}{BATCH * STEPS / ms * 1e3:10.0f}{ratio:9.2f}")
 
 

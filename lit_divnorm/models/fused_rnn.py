@@ -71,22 +71,42 @@ class FeatureNormPlan:
             return g.mean(dim=-1, keepdim=True)
         return g @ getattr(self, which).T
 
+    def centering(self) -> Tensor | None:
+        """``I - S``: ``v = u @ (I - S)`` (``None`` without a summation field). Being linear,
+        it folds into the weights before it: ``(x W^T) (I - S) = x ((I - S)^T W)^T``."""
+        if self.center is None:
+            return None
+        center = self.center
+        return torch.eye(center.shape[0], dtype=center.dtype, device=center.device) - center
+
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``u (rows, H)`` -> ``y``, ``v``, ``r`` (``None`` without a suppression field)."""
         v = u - self.mean(u, "center") if self.center is not None else u
-        if self.scale is None:
-            return v, v, None
-        r = torch.rsqrt(self.mean(v * v, "scale") + self.floor)
-        return v * r, v, r
+        y, r = self.scale_forward(v)
+        return y, v, r
 
-    def backward(self, grad_y: Tensor, v: Tensor, r: Tensor | None, l1_coef: Tensor | None):
-        """``dL/du`` from ``dL/dy``; ``l1_coef`` is ``dL/d(sum|v|)`` of the L1 term."""
+    def scale_forward(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Centred ``v (rows, H)`` -> ``y``, ``r`` (``None`` without a suppression field)."""
+        if self.scale is None:
+            return v, None
+        r = torch.rsqrt(self.mean(v * v, "scale") + self.floor)
+        return v * r, r
+
+    def scale_backward(
+        self, grad_y: Tensor, v: Tensor, r: Tensor | None, l1_coef: Tensor | None
+    ) -> Tensor:
+        """``dL/dv`` from ``dL/dy``; ``l1_coef`` is ``dL/d(sum|v|)`` of the L1 term."""
         grad_v = grad_y
         if r is not None:
             grad_e = grad_y * v * (-0.5 * r * r * r)
             grad_v = torch.addcmul(grad_y * r, v, self.mean_adjoint(grad_e, "scale"), value=2.0)
         if l1_coef is not None:
             grad_v = grad_v + l1_coef * v.sign()
+        return grad_v
+
+    def backward(self, grad_y: Tensor, v: Tensor, r: Tensor | None, l1_coef: Tensor | None):
+        """``dL/du`` from ``dL/dy``; ``l1_coef`` is ``dL/d(sum|v|)`` of the L1 term."""
+        grad_v = self.scale_backward(grad_y, v, r, l1_coef)
         if self.center is None:
             return grad_v
         return grad_v - self.mean_adjoint(grad_v, "center")
@@ -164,6 +184,10 @@ class FusedLSTM(torch.autograd.Function):
     def forward(ctx, projected, h0, c0, hidden_weight, gate_plan, cell_plan):  # type: ignore[override]
         steps, batch, four_h = projected.shape
         hidden = four_h // 4
+        centering = gate_plan.centering()
+        if centering is not None:  # fold the gates' centring into the weights, once
+            projected = (projected.reshape(-1, hidden) @ centering).view(projected.shape)
+            hidden_weight = (centering.T @ hidden_weight.view(4, hidden, hidden)).view(four_h, -1)
         weight_t = hidden_weight.T
         acts = projected.new_empty(steps, batch, four_h)
         keep_gate_v = gate_plan.scale is not None or gate_plan.l1 > 0
@@ -178,8 +202,8 @@ class FusedLSTM(torch.autograd.Function):
         cells[0], hs[0] = c0, h0
         g_slice = slice(2 * hidden, 3 * hidden)
         for t in range(steps):
-            a = torch.addmm(projected[t], hs[t], weight_t)
-            z, v, r = gate_plan.forward(a.view(batch * 4, hidden))
+            v = torch.addmm(projected[t], hs[t], weight_t).view(batch * 4, hidden)
+            z, r = gate_plan.scale_forward(v)
             if keep_gate_v:
                 gate_v[t] = v
             if r is not None:
@@ -205,7 +229,7 @@ class FusedLSTM(torch.autograd.Function):
         if cell_plan.l1 > 0:
             l1 = l1 + cell_v.abs().sum() * (cell_plan.l1 / per_slot)
         saved = (hidden_weight, acts, gate_v, gate_r, cells, hs, cell_v, cell_r, tanh_n)
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(*saved, centering)
         ctx.plans = (gate_plan, cell_plan)
         outputs = hs[1:]
         return outputs.clone(), hs[steps].clone(), cells[steps].clone(), l1
@@ -213,7 +237,10 @@ class FusedLSTM(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c, grad_l1):  # type: ignore[override]
-        hidden_weight, acts, gate_v, gate_r, cells, hs, cell_v, cell_r, tanh_n = ctx.saved_tensors
+        # hidden_weight here has the gates' centring folded in (see forward)
+        hidden_weight, acts, gate_v, gate_r, cells, hs, cell_v, cell_r, tanh_n, centering = (
+            ctx.saved_tensors
+        )
         gate_plan, cell_plan = ctx.plans
         steps, batch, four_h = acts.shape
         hidden = four_h // 4
@@ -241,10 +268,12 @@ class FusedLSTM(torch.autograd.Function):
             grad_z = (grad_act * slope).view(batch * 4, hidden)
             r = None if gate_r is None else gate_r[t]
             v = None if gate_v is None else gate_v[t]
-            ga = gate_plan.backward(grad_z, v, r, gate_l1).view(batch, four_h)
-            grad_a[t] = ga
+            grad_v = gate_plan.scale_backward(grad_z, v, r, gate_l1).view(batch, four_h)
+            grad_a[t] = grad_v
             grad_c = grad_c * f
-            grad_h = ga @ hidden_weight
+            grad_h = grad_v @ hidden_weight
+        if centering is not None:  # the centring's adjoint for all steps at once
+            grad_a = (grad_a.view(-1, hidden) @ centering.T).view(grad_a.shape)
         flat = grad_a.view(steps * batch, four_h)
         grad_weight = flat.T @ hs[:steps].reshape(steps * batch, hidden)
         return grad_a, grad_h, grad_c, grad_weight, None, None
@@ -275,6 +304,10 @@ class FusedRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected, h0, hidden_weight, plan, relu):  # type: ignore[override]
         steps, batch, hidden = projected.shape
+        centering = plan.centering()
+        if centering is not None:  # fold the centring into the weights, once
+            projected = (projected.reshape(-1, hidden) @ centering).view(projected.shape)
+            hidden_weight = centering.T @ hidden_weight
         weight_t = hidden_weight.T
         keep_v = plan.scale is not None or plan.l1 > 0
         norm_v = projected.new_empty(steps, batch, hidden) if keep_v else None
@@ -282,7 +315,8 @@ class FusedRNN(torch.autograd.Function):
         hs = projected.new_empty(steps + 1, batch, hidden)
         hs[0] = h0
         for t in range(steps):
-            z, v, r = plan.forward(torch.addmm(projected[t], hs[t], weight_t))
+            v = torch.addmm(projected[t], hs[t], weight_t)
+            z, r = plan.scale_forward(v)
             if keep_v:
                 norm_v[t] = v
             if r is not None:
@@ -294,14 +328,14 @@ class FusedRNN(torch.autograd.Function):
         l1 = projected.new_zeros(())
         if plan.l1 > 0:
             l1 = l1 + norm_v.abs().sum() * (plan.l1 / (batch * hidden))
-        ctx.save_for_backward(hidden_weight, hs, norm_v, norm_r)
+        ctx.save_for_backward(hidden_weight, hs, norm_v, norm_r, centering)
         ctx.plan, ctx.relu = plan, relu
         return hs[1:].clone(), hs[steps].clone(), l1
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_l1):  # type: ignore[override]
-        hidden_weight, hs, norm_v, norm_r = ctx.saved_tensors
+        hidden_weight, hs, norm_v, norm_r, centering = ctx.saved_tensors  # centring folded in
         plan, relu = ctx.plan, ctx.relu
         steps, batch, hidden = grad_out.shape
         l1_coef = grad_l1 * (plan.l1 / (batch * hidden)) if plan.l1 > 0 else None
@@ -313,9 +347,11 @@ class FusedRNN(torch.autograd.Function):
             grad_z = grad_h * (h > 0) if relu else grad_h * (1 - h * h)
             v = None if norm_v is None else norm_v[t]
             r = None if norm_r is None else norm_r[t]
-            ga = plan.backward(grad_z, v, r, l1_coef)
-            grad_a[t] = ga
-            grad_h = ga @ hidden_weight
+            grad_v = plan.scale_backward(grad_z, v, r, l1_coef)
+            grad_a[t] = grad_v
+            grad_h = grad_v @ hidden_weight
+        if centering is not None:  # the centring's adjoint for all steps at once
+            grad_a = (grad_a.view(-1, hidden) @ centering.T).view(grad_a.shape)
         flat = grad_a.view(steps * batch, hidden)
         grad_weight = flat.T @ hs[:steps].reshape(steps * batch, hidden)
         return grad_a, grad_h, grad_weight, None, None
