@@ -79,17 +79,38 @@ class FeatureNormPlan:
         center = self.center
         return torch.eye(center.shape[0], dtype=center.dtype, device=center.device) - center
 
-    def forward(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``u (rows, H)`` -> ``y``, ``v``, ``r`` (``None`` without a suppression field)."""
-        v = u - self.mean(u, "center") if self.center is not None else u
-        y, r = self.scale_forward(v)
+    def forward(
+        self, u: Tensor, out_v: Tensor | None = None, out_r: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``u (rows, H)`` -> ``y``, ``v``, ``r`` (``None`` without a suppression field);
+        ``v`` and ``r`` are written into ``out_v`` and ``out_r`` when given."""
+        if self.center is not None:
+            v = (
+                torch.sub(u, self.mean(u, "center"), out=out_v)
+                if out_v is not None
+                else (u - self.mean(u, "center"))
+            )
+        elif out_v is not None:
+            v = out_v.copy_(u)
+        else:
+            v = u
+        y, r = self.scale_forward(v, out_r)
         return y, v, r
 
-    def scale_forward(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Centred ``v (rows, H)`` -> ``y``, ``r`` (``None`` without a suppression field)."""
+    def new_r_buffer(self, v: Tensor | None) -> Tensor | None:
+        """An empty buffer for ``r`` of every step, ``v``'s shape (last dim 1 for a layer
+        field); ``None`` without a suppression field."""
+        if self.scale is None:
+            return None
+        return v.new_empty(*v.shape[:-1], 1 if self.scale_uniform else v.shape[-1])
+
+    def scale_forward(self, v: Tensor, out_r: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Centred ``v (rows, H)`` -> ``y``, ``r`` (``None`` without a suppression field);
+        ``r`` is written into ``out_r`` when given."""
         if self.scale is None:
             return v, None
-        r = torch.rsqrt(self.mean(v * v, "scale") + self.floor)
+        e = self.mean(v * v, "scale").add_(self.floor)
+        r = torch.rsqrt(e, out=out_r) if out_r is not None else e.rsqrt_()
         return v * r, r
 
     def scale_backward(
@@ -193,33 +214,29 @@ class FusedLSTM(torch.autograd.Function):
         keep_gate_v = gate_plan.scale is not None or gate_plan.l1 > 0
         keep_cell_v = cell_plan.scale is not None or cell_plan.l1 > 0
         gate_v = projected.new_empty(steps, batch * 4, hidden) if keep_gate_v else None
-        gate_r = None if gate_plan.scale is None else projected.new_empty(gate_v.shape)
+        gate_r = gate_plan.new_r_buffer(gate_v)
         cells = projected.new_empty(steps + 1, batch, hidden)
         hs = projected.new_empty(steps + 1, batch, hidden)
         cell_v = projected.new_empty(steps, batch, hidden) if keep_cell_v else None
-        cell_r = None if cell_plan.scale is None else projected.new_empty(cell_v.shape)
+        cell_r = cell_plan.new_r_buffer(cell_v)
         tanh_n = projected.new_empty(steps, batch, hidden)
         cells[0], hs[0] = c0, h0
         g_slice = slice(2 * hidden, 3 * hidden)
         for t in range(steps):
-            v = torch.addmm(projected[t], hs[t], weight_t).view(batch * 4, hidden)
-            z, r = gate_plan.scale_forward(v)
-            if keep_gate_v:
-                gate_v[t] = v
-            if r is not None:
-                gate_r[t] = r
+            if keep_gate_v:  # written in place: no copies into the saved buffers
+                v = gate_v[t]
+                torch.addmm(projected[t], hs[t], weight_t, out=v.view(batch, four_h))
+            else:
+                v = torch.addmm(projected[t], hs[t], weight_t).view(batch * 4, hidden)
+            z, _ = gate_plan.scale_forward(v, None if gate_r is None else gate_r[t])
             z = z.view(batch, four_h)
             act = acts[t]
             torch.sigmoid(z, out=act)
             torch.tanh(z[:, g_slice], out=act[:, g_slice])
             i, f, g, o = act.chunk(4, dim=1)
-            c = torch.addcmul(f * cells[t], i, g)
-            cells[t + 1] = c
-            n, v, r = cell_plan.forward(c)
-            if keep_cell_v:
-                cell_v[t] = v
-            if r is not None:
-                cell_r[t] = r
+            c = torch.addcmul(f * cells[t], i, g, out=cells[t + 1])
+            out_v = None if cell_v is None else cell_v[t]
+            n, _, _ = cell_plan.forward(c, out_v, None if cell_r is None else cell_r[t])
             torch.tanh(n, out=tanh_n[t])
             torch.mul(o, tanh_n[t], out=hs[t + 1])
         l1 = projected.new_zeros(())
@@ -311,16 +328,16 @@ class FusedRNN(torch.autograd.Function):
         weight_t = hidden_weight.T
         keep_v = plan.scale is not None or plan.l1 > 0
         norm_v = projected.new_empty(steps, batch, hidden) if keep_v else None
-        norm_r = None if plan.scale is None else projected.new_empty(norm_v.shape)
+        norm_r = plan.new_r_buffer(norm_v)
         hs = projected.new_empty(steps + 1, batch, hidden)
         hs[0] = h0
         for t in range(steps):
-            v = torch.addmm(projected[t], hs[t], weight_t)
-            z, r = plan.scale_forward(v)
-            if keep_v:
-                norm_v[t] = v
-            if r is not None:
-                norm_r[t] = r
+            v = (
+                torch.addmm(projected[t], hs[t], weight_t, out=norm_v[t])
+                if keep_v
+                else (torch.addmm(projected[t], hs[t], weight_t))
+            )
+            z, _ = plan.scale_forward(v, None if norm_r is None else norm_r[t])
             if relu:
                 torch.clamp(z, min=0.0, out=hs[t + 1])
             else:
