@@ -135,14 +135,20 @@ def main(args: list[str] | None = None) -> Any:
     with friendly_errors():
         if argv and argv[0] in TOOL_COMMANDS:
             return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
-        return DivNormCLI(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        return run_cli(args)
+
+
+def run_cli(args: list[str] | None = None) -> DivNormCLI:
+    """The LightningCLI run itself, errors propagating as exceptions (for callers such as the
+    sweep that record them)."""
+    return DivNormCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
 
 
 def console_main() -> int:

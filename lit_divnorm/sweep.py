@@ -137,14 +137,14 @@ def run_one(config: str | Path, log_dir: str | Path, overrides: list[str] | tupl
     ``log_dir/FAILED`` (the traceback) when anything raises; the exception propagates.
     Under a distributed launch only rank 0 writes the markers.
     """
-    from lit_divnorm.cli import main as cli_main
+    from lit_divnorm.cli import run_cli
 
     config, log_dir = Path(config), Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
         args = ["fit", "--config", str(config), *overrides, logger_override(log_dir)]
-        cli = cli_main(args)
+        cli = run_cli(args)
         trainer = cli.trainer
         if trainer.interrupted:
             raise RuntimeError(f"training of {config} was interrupted")
