@@ -86,6 +86,18 @@ class NormalizedTask(LightningModule):
         """
         check_compatible(checkpoint, self.hparams, self.state_dict(), type(self).__name__)
 
+    def log_loss(self, stage: Stage, loss: Tensor, batch_size: int) -> None:
+        """Log ``<stage>/loss``: per step and per epoch in training; per epoch, averaged over
+        every rank's samples, in validation and test."""
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=stage != "train",
+        )
+
     def learned_sigmas(self) -> dict[str, Tensor]:
         """``{module name: sigma}`` for every norm layer of the model with a learned sigma."""
         return {

@@ -128,14 +128,7 @@ class ClassificationTask(NormalizedTask):
         loss = F.cross_entropy(logits, labels)
         on_step = stage == "train"
         size = labels.shape[0]
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            batch_size=size,
-            sync_dist=not on_step,  # epoch means over every rank's samples (val/test)
-        )
+        self.log_loss(stage, loss, size)
         for k in self.top_k:
             metric = self.metrics[f"{stage}_top{k}"]
             metric(logits.detach(), labels)

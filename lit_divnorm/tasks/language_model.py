@@ -163,14 +163,7 @@ class LanguageModelTask(NormalizedTask):
         metric = getattr(self, f"{stage}_perplexity")
         metric.update(nll_sum, targets.numel())
         batch_size = inputs.shape[0]
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=stage == "train",
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=stage != "train",
-        )
+        self.log_loss(stage, loss, batch_size)
         self.log(
             f"{stage}/ppl",
             metric,

@@ -186,14 +186,7 @@ class SuperResolutionTask(NormalizedTask):
             )
         loss = F.mse_loss(output, target)
         size = bicubic.shape[0]
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=stage == "train",
-            on_epoch=True,
-            batch_size=size,
-            sync_dist=stage != "train",
-        )
+        self.log_loss(stage, loss, size)
         if stage != "train":
             truth = to_pixels(target)
             for name, image in (("", output), ("_bicubic", center_crop(bicubic, border))):
