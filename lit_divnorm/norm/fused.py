@@ -54,13 +54,14 @@ def local_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """``(y, q1, m, r, l1)`` of the module docstring (``l1`` is ``None`` unless asked)."""
     q1 = mean_c(x)
-    q2 = mean_c(x * x)
+    buffer = x * x  # reused for the output: one allocation of x's size, not two
+    q2 = mean_c(buffer)
     m = box_sum(q1)
     spread = (q2 - q1 * q1).clamp(min=0) + (q1 - m).square()
     r = torch.rsqrt(box_sup(spread) + floor)
     if not with_l1:
-        return torch.addcmul(-(m * r), x, r), q1, m, r, None
-    v = x - m
+        return torch.addcmul(-(m * r), x, r, out=buffer), q1, m, r, None
+    v = torch.sub(x, m, out=buffer)
     l1 = v.abs().mean()
     return v.mul_(r), q1, m, r, l1
 
@@ -85,7 +86,8 @@ def local_backward(
     """
     channels = x.shape[1]
     mean_g = mean_c(grad_y)
-    mean_gx = mean_c(grad_y * x)
+    buffer = grad_y * x  # reused for grad_x
+    mean_gx = mean_c(buffer)
     grad_e = (mean_gx - m * mean_g) * (-0.5 * channels * r * r * r)
     grad_floor = grad_e.sum()
     k = box_sup_t(grad_e) * (2.0 / channels)
@@ -95,7 +97,7 @@ def local_backward(
         sparse = torch.sub(x, m).sign_().mul_(grad_l1 / x.numel())
         grad_m = grad_m - channels * mean_c(sparse)
     grad_q1 = box_sum_t(grad_m)
-    grad_x = torch.addcmul(grad_q1 / channels - m * k, x, k)
+    grad_x = torch.addcmul(grad_q1 / channels - m * k, x, k, out=buffer)
     grad_x.addcmul_(grad_y, r)
     if sparse is not None:
         grad_x.add_(sparse)
