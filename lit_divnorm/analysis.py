@@ -202,7 +202,7 @@ def plot_activation_histograms(
     activations: dict[str, np.ndarray], path: str | Path, bins: int = 100
 ) -> Path:
     """Histograms (log counts) of centred activations, one line per model, on one chart."""
-    from lit_divnorm.report import _pyplot
+    from lit_divnorm.report import _pyplot, save_figure
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -216,15 +216,12 @@ def plot_activation_histograms(
     axis.set_ylabel("count")
     axis.set_title("First normalized layer: centred activations")
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def plot_sigma_history(history: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
     """Learned sigma of every layer over training steps."""
-    from lit_divnorm.report import _pyplot
+    from lit_divnorm.report import _pyplot, save_figure
 
     if not history:
         raise ValueError("history is empty: the run logged no sigma/<module> metric")
@@ -237,10 +234,7 @@ def plot_sigma_history(history: dict[str, list[tuple[int, float]]], path: str | 
     axis.set_ylabel("sigma")
     axis.set_title("Learned sigma per layer")
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def load_task(config: str | Path, checkpoint: str | Path | None, overrides: list[str] = ()):

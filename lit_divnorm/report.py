@@ -292,6 +292,14 @@ def curve_metric(runs: list[Run], metric: str) -> str | None:
     return None
 
 
+def save_figure(figure, path: str | Path) -> Path:
+    """Lay out, write as PNG and close a matplotlib figure; returns ``path``."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    _pyplot().close(figure)
+    return Path(path)
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -323,10 +331,7 @@ def plot_curves(runs: list[Run], metric: str, title: str, path: str | Path) -> P
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def plot_bars(table: Table, path: str | Path) -> Path | None:
@@ -356,10 +361,7 @@ def plot_bars(table: Table, path: str | Path) -> Path | None:
         axis.set_ylim(0, top * 1.2)  # room for the legend above the bars
         axis.legend(fontsize="small", loc="upper right", ncol=2)
     figure.suptitle(table.title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def write_report(runs_dir: str | Path, out: str | Path | None = None, plots: bool = True) -> Path:
