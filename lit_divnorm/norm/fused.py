@@ -12,8 +12,14 @@ suppression windows over ``P`` (applied to per-position channel means)::
 
 Forward and backward make a fixed number of passes over ``x`` whatever the windows, and only
 ``x`` and three ``(N, 1, *P)`` statistics are saved for backward (the backward is written by
-hand). ``compile_kernel=True`` runs the same two functions through ``torch.compile``, which
-fuses the passes (a one-off compile of tens of seconds per input shape on a CPU).
+hand). Three implementations of the same two functions, chosen per call:
+
+- float32/float64 on the CPU: the C++ kernel of :mod:`lit_divnorm.norm.native` (two passes
+  each way, one sample at a time so that the second pass reads from cache);
+- ``compile_kernel=True``: :func:`local_forward`/:func:`local_backward` through
+  ``torch.compile``, which fuses their passes (a one-off compile per input shape; the way to
+  a fused kernel on a GPU);
+- otherwise (GPU, other dtypes, no C++ compiler): the same functions in eager PyTorch.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lit_divnorm.norm import native
 from lit_divnorm.norm.box import MATRIX_MAX_LENGTH, Border, box_matrix, box_means
 
 BoxOp = Callable[[Tensor], Tensor]
@@ -144,20 +151,22 @@ class LocalDivisiveNorm(torch.autograd.Function):
         compile_kernel: bool,
     ) -> tuple[Tensor, Tensor]:
         config = (sum_windows, sup_windows, border, sup_divisors)
-        if compile_kernel and max(x.shape[2:]) <= MATRIX_MAX_LENGTH:
+        path = _choose_path(x, compile_kernel)
+        if path == "native":
+            y, q1, m, r, total = native.forward(x, float(floor), *config, with_l1)
+            l1 = x.new_tensor(total / x.numel()) if with_l1 else None
+        elif path == "compiled":
             sum_mats, sup_mats = _matrices(x, *config)
-            outputs = _compiled("forward")(x, floor, sum_mats, sup_mats, with_l1)
+            y, q1, m, r, l1 = _compiled("forward")(x, floor, sum_mats, sup_mats, with_l1)
         else:
-            compile_kernel = False
             box_sum = functools.partial(box_means, windows=sum_windows, border=border)
             box_sup = functools.partial(
                 box_means, windows=sup_windows, border=border, divisors=sup_divisors
             )
-            outputs = local_forward(x, floor, box_sum, box_sup, with_l1)
-        y, q1, m, r, l1 = outputs
+            y, q1, m, r, l1 = local_forward(x, floor, box_sum, box_sup, with_l1)
         ctx.save_for_backward(x, q1, m, r)
         ctx.config = config
-        ctx.compile_kernel = compile_kernel
+        ctx.path = path
         ctx.with_l1 = with_l1
         if l1 is None:
             l1 = x.new_zeros(())
@@ -170,7 +179,11 @@ class LocalDivisiveNorm(torch.autograd.Function):
         x, q1, m, r = ctx.saved_tensors
         sum_windows, sup_windows, border, sup_divisors = ctx.config
         grad_l1 = grad_l1 if ctx.with_l1 else None
-        if ctx.compile_kernel:
+        if ctx.path == "native":
+            coef = None if grad_l1 is None else float(grad_l1) / x.numel()
+            grad_x, floor_total = native.backward(grad_y, x, q1, m, r, *ctx.config, coef)
+            grads = grad_x, grad_y.new_tensor(floor_total)
+        elif ctx.path == "compiled":
             sum_mats, sup_mats = _matrices(x, *ctx.config)
             transposed = ([mat.T for mat in sum_mats], [mat.T for mat in sup_mats])
             grads = _compiled("backward")(grad_y, grad_l1, x, q1, m, r, *transposed)
@@ -185,6 +198,14 @@ class LocalDivisiveNorm(torch.autograd.Function):
         grad_x, grad_floor = grads
         grad_floor = grad_floor if ctx.needs_input_grad[1] else None
         return grad_x, grad_floor, None, None, None, None, None, None
+
+
+def _choose_path(x: Tensor, compile_kernel: bool) -> str:
+    """``"compiled"`` when asked (and the box matrices apply), else ``"native"`` (the C++
+    passes) for float32/float64 CPU tensors, else ``"torch"``."""
+    if compile_kernel and max(x.shape[2:]) <= MATRIX_MAX_LENGTH:
+        return "compiled"
+    return "native" if native.applies(x) else "torch"
 
 
 def _matrices(

@@ -1,0 +1,205 @@
+"""Fused divisive normalization on the CPU in C++ (``dn_cpu.cpp``), built on first use.
+
+:func:`forward` and :func:`backward` compute what :func:`lit_divnorm.norm.fused.local_forward`
+and :func:`~lit_divnorm.norm.fused.local_backward` compute, for float32/float64 CPU tensors,
+with two passes over the ``(N, C, *P)`` tensors each way, the statistics and box means in
+between done per sample while its values are still in cache.
+
+The library is compiled with the system's C++ compiler (``$CXX``, else ``g++``/``c++``) and
+OpenMP into ``$LIT_DIVNORM_CACHE`` (default ``~/.cache/lit_divnorm``), written under a
+temporary name and renamed, so an interrupted build never leaves a broken library. Without a
+compiler, :func:`available` is ``False`` (with one warning) and the fused kernel uses its
+PyTorch passes; ``LIT_DIVNORM_NATIVE=0`` turns the library off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lit_divnorm.norm.box import Border
+
+SOURCE = Path(__file__).with_name("dn_cpu.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+_I64, _INT, _DBL, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+_SIGNATURES = {
+    "dn_forward": (_DBL, [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
+    "dn_backward": (_DBL, [_PTR] * 6 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LIT_DIVNORM_CACHE", Path.home() / ".cache" / "lit_divnorm"))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the machine and its instruction-set flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / f"dn_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".dn_cpu-", suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", partial],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LIT_DIVNORM_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    try:
+        if compiler is None:
+            raise OSError("no C++ compiler found (set $CXX, or install g++)")
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        warnings.warn(
+            f"lit_divnorm: the C++ DN kernel could not be built ({detail}); using the slower "
+            "PyTorch passes",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        for suffix in DTYPES.values():
+            function = getattr(library, f"{name}_{suffix}")
+            function.restype, function.argtypes = restype, argtypes
+    return library
+
+
+def available() -> bool:
+    """Whether the C++ kernel is built and loaded (builds it on the first call)."""
+    return _library() is not None
+
+
+def applies(x: Tensor) -> bool:
+    """Whether the C++ kernel handles ``x``: a float32/float64 CPU tensor, library built."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and available()
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(
+    dims: tuple[int, ...],
+    sum_windows: tuple[int, ...],
+    sup_windows: tuple[int, ...],
+    border: Border,
+    sup_divisors: tuple[int, ...] | None,
+) -> tuple[object, ...]:
+    """``ndim, dims, sum, sup`` for the C++ calls (cached): per axis ``(before, after,
+    divisor)``, divisor 0 standing for the count of positions inside (``"valid"``)."""
+    divisors = sup_divisors or sup_windows
+
+    def windows(widths: tuple[int, ...], divs: tuple[int, ...]) -> ctypes.Array:
+        values = []
+        for width, divisor in zip(widths, divs, strict=True):
+            values += [(width - 1) // 2, width // 2, divisor if border == "reference" else 0]
+        return (_I64 * len(values))(*values)
+
+    return (
+        len(dims),
+        (_I64 * len(dims))(*dims),
+        windows(sum_windows, sum_windows),
+        windows(sup_windows, divisors),
+    )
+
+
+def _function(name: str, x: Tensor) -> Callable[..., float]:
+    return getattr(_library(), f"{name}_{DTYPES[x.dtype]}")
+
+
+def forward(
+    x: Tensor,
+    floor: float,
+    sum_windows: tuple[int, ...],
+    sup_windows: tuple[int, ...],
+    border: Border,
+    sup_divisors: tuple[int, ...] | None,
+    with_l1: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """``(y, q1, m, r, sum|x - m|)`` (see :mod:`lit_divnorm.norm.fused`; the sum is ``0.``
+    unless ``with_l1``) for ``x`` of shape ``(N, C, *P)``; ``q1, m, r`` are ``(N, 1, *P)``."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    q1, m, r = x.new_empty((3, x.shape[0], 1, *x.shape[2:])).unbind(0)  # one allocation
+    geometry = _geometry(tuple(x.shape[2:]), sum_windows, sup_windows, border, sup_divisors)
+    pointers = (t.data_ptr() for t in (x, y, q1, m, r))
+    total = _function("dn_forward", x)(
+        *pointers, x.shape[0], x.shape[1], *geometry, floor, int(with_l1), torch.get_num_threads()
+    )
+    return y, q1, m, r, total
+
+
+def backward(
+    grad_y: Tensor,
+    x: Tensor,
+    q1: Tensor,
+    m: Tensor,
+    r: Tensor,
+    sum_windows: tuple[int, ...],
+    sup_windows: tuple[int, ...],
+    border: Border,
+    sup_divisors: tuple[int, ...] | None,
+    l1_coef: float | None,
+) -> tuple[Tensor, float]:
+    """``(dL/dx, dL/dfloor)`` from ``dL/dy`` and, unless ``l1_coef`` is ``None``, the L1
+    term ``l1_coef * sum|x - m|``; the saved ``q1, m, r`` are those of :func:`forward`."""
+    grad_y, x = grad_y.contiguous(), x.contiguous()
+    grad_x = torch.empty_like(x)
+    geometry = _geometry(tuple(x.shape[2:]), sum_windows, sup_windows, border, sup_divisors)
+    pointers = (t.data_ptr() for t in (grad_y, x, q1, m, r, grad_x))
+    with_l1 = l1_coef is not None
+    grad_floor = _function("dn_backward", x)(
+        *pointers,
+        x.shape[0],
+        x.shape[1],
+        *geometry,
+        l1_coef if with_l1 else 0.0,
+        int(with_l1),
+        torch.get_num_threads(),
+    )
+    return grad_x, grad_floor

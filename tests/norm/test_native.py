@@ -1,0 +1,120 @@
+"""The C++ DN kernel: against the loop over the equations, its build cache and its fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lit_divnorm.norm import Field, divisive_norm, native
+from lit_divnorm.norm.fused import local_divisive_norm
+from tests.norm.reference import RefField, ref_divisive_norm
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler to build with")
+
+
+def _local(window: tuple[int, ...]) -> tuple[Field, RefField]:
+    return (
+        Field(channels="all", positions="window", window=window),
+        RefField(channels="all", positions="window", window=window),
+    )
+
+
+@pytest.mark.parametrize("border", ["valid", "reference"])
+@pytest.mark.parametrize(
+    ("shape", "sum_window", "sup_window"),
+    [
+        ((2, 3, 4, 5, 6), (3, 2, 5), (1, 4, 3)),  # three positional axes
+        ((3, 4, 40), (7,), (60,)),  # a window longer than the axis
+        ((2, 1, 9, 1), (3, 3), (5, 5)),  # one channel, an axis of length 1
+        ((1, 5, 17, 19), (5, 5), (7, 7)),  # odd sizes, SR's unequal windows
+    ],
+)
+def test_native_forward_matches_the_loop(shape, sum_window, sup_window, border):
+    x = torch.randn(shape, dtype=torch.float64)
+    sum_field, ref_sum = _local(sum_window)
+    sup_field, ref_sup = _local(sup_window)
+    want = ref_divisive_norm(x.numpy(), ref_sum, ref_sup, sigma=0.4, eps=0.0, border=border)
+    got = divisive_norm(x, sum_field, sup_field, sigma=0.4, eps=0.0, border=border)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("border", ["valid", "reference"])
+@pytest.mark.parametrize(("shape", "window"), [((2, 3, 5, 4), (3, 2)), ((3, 2, 7), (4,))])
+def test_native_gradcheck_with_l1_and_learned_floor(shape, window, border):
+    """float64 gradients of y and of the L1 term, for the input and the floor (learned sigma)."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    floor = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, floor):
+        y, l1 = local_divisive_norm(x, window, window, floor, border, None, with_l1=True)
+        return y, 3.0 * l1
+
+    assert torch.autograd.gradcheck(f, (x, floor))
+
+
+def test_float32_matches_the_pytorch_passes(monkeypatch):
+    """The C++ passes (float statistics, double box sums) against the PyTorch passes."""
+    x = torch.randn(4, 16, 12, 12, requires_grad=True)
+    grad = torch.randn_like(x)
+    results = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(native, "applies", lambda x: False)
+        y, l1 = local_divisive_norm(x, (5, 5), (5, 5), 0.25, with_l1=True)
+        (x_grad,) = torch.autograd.grad((y * grad).sum() + 2 * l1, x)
+        results.append((y, l1, x_grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_input_and_gradient():
+    """channels_last input and an expanded (stride 0) output gradient, as from y.sum()."""
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y, _ = local_divisive_norm(x, (3, 3), (3, 3), 0.25)
+    y.sum().backward()
+    plain = x.detach().contiguous().requires_grad_(True)
+    y_plain, _ = local_divisive_norm(plain, (3, 3), (3, 3), 0.25)
+    y_plain.backward(torch.ones_like(y_plain))
+    torch.testing.assert_close(y, y_plain)
+    torch.testing.assert_close(x.grad, plain.grad)
+
+
+def test_thread_count_does_not_change_the_result():
+    x = torch.randn(5, 8, 9, 9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = local_divisive_norm(x, (3, 3), (3, 3), 0.25)
+        torch.set_num_threads(2)
+        two, _ = local_divisive_norm(x, (3, 3), (3, 3), 0.25)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_build_writes_the_library_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_DIVNORM_CACHE", str(tmp_path))
+    library = native._build(native._compiler())
+    assert library.parent == tmp_path and library.suffix == ".so"
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no temporary left
+    assert native._build(native._compiler()) == library  # cached: not built again
+
+
+def test_failed_build_leaves_nothing_and_falls_back(tmp_path, monkeypatch):
+    """A compiler that fails: no file in the cache, one warning, and the PyTorch passes."""
+    monkeypatch.setenv("LIT_DIVNORM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # exits 1 without writing anything
+    native._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="C\\+\\+ DN kernel could not be built"):
+            assert not native.available()
+        assert list(tmp_path.iterdir()) == []
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        field, ref = _local((3, 3))
+        want = ref_divisive_norm(x.numpy(), ref, ref, sigma=0.5, eps=0.0, border="valid")
+        got = divisive_norm(x, field, field, sigma=0.5, eps=0.0)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
+    finally:
+        native._library.cache_clear()
