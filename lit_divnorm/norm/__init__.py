@@ -17,7 +17,12 @@ from lit_divnorm.norm.registry import (
     register_norm,
     resolve_norm,
 )
-from lit_divnorm.norm.sparsity import clear_sparsity, record_sparsity, sparsity_penalty
+from lit_divnorm.norm.sparsity import (
+    clear_sparsity,
+    record_sparsity,
+    records_sparsity,
+    sparsity_penalty,
+)
 
 __all__ = [
     "PRESETS",
@@ -34,6 +39,7 @@ __all__ = [
     "list_norms",
     "parse_field",
     "record_sparsity",
+    "records_sparsity",
     "register_norm",
     "resolve_norm",
     "sparsity_penalty",

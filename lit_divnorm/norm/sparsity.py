@@ -47,6 +47,12 @@ def sparsity_penalty(module: nn.Module, clear: bool = True) -> Tensor:
     return torch.zeros(()) if total is None else total
 
 
+def records_sparsity(module: nn.Module) -> bool:
+    """Whether a layer of ``module`` has recorded a sparsity term (in any forward so far): a
+    model whose layers all have ``l1 = 0`` never does."""
+    return any(SPARSITY_TERMS in child.__dict__ for child in module.modules())
+
+
 def clear_sparsity(module: nn.Module) -> None:
     """Drop every recorded term (e.g. before a training step, after an unused forward)."""
     for child in module.modules():

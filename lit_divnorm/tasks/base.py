@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lit_divnorm.checkpoint import check_compatible
 from lit_divnorm.norm.layers import DivisiveNorm
-from lit_divnorm.norm.sparsity import clear_sparsity, sparsity_penalty
+from lit_divnorm.norm.sparsity import clear_sparsity, records_sparsity, sparsity_penalty
 
 Stage = Literal["train", "val", "test"]
 
@@ -68,7 +68,7 @@ class NormalizedTask(LightningModule):
         clear_sparsity(self.model)
         loss = self._shared_step(batch, "train")
         penalty = sparsity_penalty(self.model)
-        self.log("train/l1", penalty, on_step=True, on_epoch=True)
+        self.log_sparsity(penalty)
         self.log_sigmas()
         return loss + penalty
 
@@ -97,6 +97,12 @@ class NormalizedTask(LightningModule):
             batch_size=batch_size,
             sync_dist=stage != "train",
         )
+
+    def log_sparsity(self, penalty: Tensor) -> None:
+        """Log ``train/l1``, the step's sparsity penalty, for a model that has one (a model
+        without any ``l1`` weight skips it: a column of zeros, and a log call per step)."""
+        if records_sparsity(self.model):
+            self.log("train/l1", penalty.detach(), on_step=True, on_epoch=True, batch_size=1)
 
     def learned_sigmas(self) -> dict[str, Tensor]:
         """``{module name: sigma}`` for every norm layer of the model with a learned sigma."""

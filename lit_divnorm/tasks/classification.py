@@ -4,7 +4,7 @@
 
 Logs ``{stage}/loss`` and ``{stage}/acc`` (top-1) for ``stage`` in train, val, test, plus
 ``{stage}/acc_top5`` when there are at least 100 classes; the base class adds ``train/l1``
-and every learned ``sigma/<layer>``.
+(for a model with an L1 penalty) and every learned ``sigma/<layer>``.
 
 The network is built from arguments (``arch="small_cnn"`` or ``"resnet"``) or passed in as
 an ``nn.Module``. ``norm`` switches the normalization of the whole built network, so from the

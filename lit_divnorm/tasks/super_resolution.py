@@ -152,7 +152,7 @@ class SuperResolutionTask(NormalizedTask):
             return super().training_step(batch, batch_idx)
         clear_sparsity(self.model)
         loss = self._shared_step(batch, "train")
-        self.log("train/l1", sparsity_penalty(self.model).detach(), on_step=True, on_epoch=True)
+        self.log_sparsity(sparsity_penalty(self.model))
         self.log_sigmas()
         return loss
 

@@ -50,6 +50,33 @@ def test_training_loss_is_cross_entropy_plus_l1_on_raw_preactivations():
     torch.testing.assert_close(loss.detach(), expected.detach())
 
 
+@pytest.mark.parametrize(("norm", "logged"), [("dn*", True), ("baseline-l1", True), ("dn", False)])
+def test_train_l1_is_logged_as_the_mean_penalty_for_models_with_one(norm, logged):
+    """``train/l1`` (the epoch mean of the per-step penalty) only where a layer has l1 > 0."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    task = ClassificationTask(arch="small_cnn", num_classes=10, norm=norm)
+    penalties = []
+    task.log_sparsity = lambda p, log=task.log_sparsity: (penalties.append(p.item()), log(p))
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(task, DataLoader(data, batch_size=2))
+    metrics = trainer.callback_metrics
+    assert ("train/l1" in metrics) == logged
+    if logged:
+        assert len(penalties) == 2 and min(penalties) > 0
+        assert metrics["train/l1"].item() == pytest.approx(sum(penalties) / 2, rel=1e-5)
+
+
 def test_top5_for_100_classes_and_metric_names():
     task = ClassificationTask(num_classes=100)
     assert task.top_k == (1, 5)
