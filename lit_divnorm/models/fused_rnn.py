@@ -22,6 +22,7 @@ or ``gamma, beta``, ``check_finite``, half precision or autocast).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from lit_divnorm.norm import native
 from lit_divnorm.norm.fields import Field
 from lit_divnorm.norm.functional import Border, field_mean, suppression_divisor
 from lit_divnorm.norm.layers import DivisiveNorm
@@ -42,7 +44,9 @@ class FeatureNormPlan:
 
     ``center``/``scale`` are ``(H, H)`` matrices ``S``/``Q`` (``mean = u @ S``), or ``None``
     for no centering / no division; ``center_uniform``/``scale_uniform`` mark a layer field,
-    computed as a row mean instead of a product. ``floor = sigma^2 + eps``; ``l1 = alpha``.
+    computed as a row mean instead of a product. ``center_box``/``scale_box`` are a local
+    window's ``(before, after, divisor)`` (divisor 0: count the features inside), with which
+    the C++ LSTM step takes the means by running sums. ``floor = sigma^2 + eps``; ``l1 = alpha``.
     """
 
     center: Tensor | None
@@ -51,6 +55,8 @@ class FeatureNormPlan:
     scale_uniform: bool
     floor: float
     l1: float
+    center_box: tuple[int, int, int] | None = None
+    scale_box: tuple[int, int, int] | None = None
 
     def same_as(self, other: FeatureNormPlan) -> bool:
         """The same norm (the matrices are cached, so one config shares one tensor)."""
@@ -61,14 +67,30 @@ class FeatureNormPlan:
             for f in dataclasses.fields(self)
         )
 
+    def row_spec(self, which: str) -> tuple[int, int, int, int] | None:
+        """``which`` (``"center"``/``"scale"``) as ``(mode, before, after, divisor)`` for the
+        C++ LSTM step: mode 0 none, 1 a layer mean, 2 a window; ``None`` for another matrix."""
+        if getattr(self, which) is None:
+            return (0, 0, 0, 0)
+        if getattr(self, f"{which}_uniform"):
+            return (1, 0, 0, 0)
+        box = getattr(self, f"{which}_box")
+        return None if box is None else (2, *box)
+
     def mean(self, u: Tensor, which: str) -> Tensor:
         if getattr(self, f"{which}_uniform"):
             return u.mean(dim=-1, keepdim=True)
+        box = getattr(self, f"{which}_box")
+        if box is not None and native.applies(u):
+            return native.box_rows(u, box)
         return u @ getattr(self, which)
 
     def mean_adjoint(self, g: Tensor, which: str) -> Tensor:
         if getattr(self, f"{which}_uniform"):
             return g.mean(dim=-1, keepdim=True)
+        box = getattr(self, f"{which}_box")
+        if box is not None and native.applies(g):
+            return native.box_rows(g, box, adjoint=True)
         return g @ getattr(self, which).T
 
     def centering(self) -> Tensor | None:
@@ -167,7 +189,7 @@ def feature_norm_plan(
         return None
     if norm.learn_sigma or norm.affine or norm.check_finite or list(norm.parameters()):
         return None
-    center = scale = None
+    center = scale = divisor = None
     center_uniform = scale_uniform = False
     if norm.sum_field is not None:
         center, center_uniform = _field_matrix(
@@ -180,7 +202,33 @@ def feature_norm_plan(
         )
     floor = float(norm.fixed_sigma) ** 2 + norm.eps
     l1 = norm.l1 if norm.training else 0.0
-    return FeatureNormPlan(center, scale, center_uniform, scale_uniform, floor, l1)
+    center_box = _field_box(norm.sum_field, norm.border, None)
+    scale_box = _field_box(norm.sup_field, norm.border, divisor)
+    return FeatureNormPlan(
+        center, scale, center_uniform, scale_uniform, floor, l1, center_box, scale_box
+    )
+
+
+def _field_box(
+    field: Field | None, border: Border, divisor: tuple[int, ...] | None
+) -> tuple[int, int, int] | None:
+    """``(before, after, divisor)`` of a window over the features (0: count those inside)."""
+    if field is None or not field.is_local or field.channels not in ("self", "all"):
+        return None
+    (width,) = field.window_for(1)
+    count = 0 if border == "valid" else (divisor[0] if divisor else width)
+    return (width - 1) // 2, width // 2, count
+
+
+def native_lstm_specs(
+    projected: Tensor, gate_plan: FeatureNormPlan, cell_plan: FeatureNormPlan
+) -> tuple[tuple[int, int, int, int], ...] | None:
+    """The C++ step's field specs (gate suppression, cell summation, cell suppression), or
+    ``None`` where it does not apply (not a float CPU tensor, no compiler, another field)."""
+    if not native.applies(projected):
+        return None
+    specs = (gate_plan.row_spec("scale"), cell_plan.row_spec("center"), cell_plan.row_spec("scale"))
+    return None if any(spec is None for spec in specs) else specs
 
 
 def can_run_fused(inputs: Tensor) -> bool:
@@ -207,7 +255,8 @@ class FusedLSTM(torch.autograd.Function):
         hidden = four_h // 4
         centering = gate_plan.centering()
         if centering is not None:  # fold the gates' centring into the weights, once
-            projected = (projected.reshape(-1, hidden) @ centering).view(projected.shape)
+            flat = projected.reshape(-1, hidden)
+            projected = (flat - gate_plan.mean(flat, "center")).view(projected.shape)
             hidden_weight = (centering.T @ hidden_weight.view(4, hidden, hidden)).view(four_h, -1)
         weight_t = hidden_weight.T
         acts = projected.new_empty(steps, batch, four_h)
@@ -221,8 +270,26 @@ class FusedLSTM(torch.autograd.Function):
         cell_r = cell_plan.new_r_buffer(cell_v)
         tanh_n = projected.new_empty(steps, batch, hidden)
         cells[0], hs[0] = c0, h0
+        specs = native_lstm_specs(projected, gate_plan, cell_plan)
+        l1_sums = (ctypes.c_double * 2)()
+        if specs is not None:  # each step's work after the product in one C++ call
+            floors = (gate_plan.floor, cell_plan.floor)
+            scratch_v = None if keep_gate_v else projected.new_empty(batch, four_h)
+            for t in range(steps):
+                v = gate_v[t].view(batch, four_h) if keep_gate_v else scratch_v
+                torch.addmm(projected[t], hs[t], weight_t, out=v)
+                out = {
+                    "gate_r": None if gate_r is None else gate_r[t],
+                    "acts": acts[t],
+                    "c": cells[t + 1],
+                    "cell_v": None if cell_v is None else cell_v[t],
+                    "cell_r": None if cell_r is None else cell_r[t],
+                    "tanh_n": tanh_n[t],
+                    "h": hs[t + 1],
+                }
+                native.lstm_forward_step(v, cells[t], out, specs, floors, l1_sums)
         g_slice = slice(2 * hidden, 3 * hidden)
-        for t in range(steps):
+        for t in range(steps if specs is None else 0):
             if keep_gate_v:  # written in place: no copies into the saved buffers
                 v = gate_v[t]
                 torch.addmm(projected[t], hs[t], weight_t, out=v.view(batch, four_h))
@@ -241,13 +308,18 @@ class FusedLSTM(torch.autograd.Function):
             torch.mul(o, tanh_n[t], out=hs[t + 1])
         l1 = projected.new_zeros(())
         per_slot = batch * hidden
-        if gate_plan.l1 > 0:
-            l1 = l1 + gate_v.abs().sum() * (gate_plan.l1 / per_slot)
-        if cell_plan.l1 > 0:
-            l1 = l1 + cell_v.abs().sum() * (cell_plan.l1 / per_slot)
+        if specs is not None:  # the sums came out of the steps
+            alphas = (gate_plan.l1 / per_slot, cell_plan.l1 / per_slot)
+            l1 += sum(alpha * total for alpha, total in zip(alphas, l1_sums, strict=True))
+        else:
+            if gate_plan.l1 > 0:
+                l1 = l1 + gate_v.abs().sum() * (gate_plan.l1 / per_slot)
+            if cell_plan.l1 > 0:
+                l1 = l1 + cell_v.abs().sum() * (cell_plan.l1 / per_slot)
         saved = (hidden_weight, acts, gate_v, gate_r, cells, hs, cell_v, cell_r, tanh_n)
         ctx.save_for_backward(*saved, centering)
         ctx.plans = (gate_plan, cell_plan)
+        ctx.specs = specs
         outputs = hs[1:]
         return outputs.clone(), hs[steps].clone(), cells[steps].clone(), l1
 
@@ -265,10 +337,31 @@ class FusedLSTM(torch.autograd.Function):
         gate_l1 = grad_l1 * (gate_plan.l1 / per_slot) if gate_plan.l1 > 0 else None
         cell_l1 = grad_l1 * (cell_plan.l1 / per_slot) if cell_plan.l1 > 0 else None
         grad_a = acts.new_empty(steps, batch, four_h)
-        grad_h = grad_h.clone() if grad_h is not None else acts.new_zeros(batch, hidden)
-        grad_c = grad_c.clone() if grad_c is not None else acts.new_zeros(batch, hidden)
+        contiguous = torch.contiguous_format
+        grad_h = grad_h.clone(memory_format=contiguous) if grad_h is not None else None
+        grad_h = grad_h if grad_h is not None else acts.new_zeros(batch, hidden)
+        grad_c = grad_c.clone(memory_format=contiguous) if grad_c is not None else None
+        grad_c = grad_c if grad_c is not None else acts.new_zeros(batch, hidden)
+        if ctx.specs is not None:  # each step's work besides the product in one C++ call
+            grad_out = None if grad_out is None else grad_out.contiguous()
+            l1_coefs = tuple(0.0 if coef is None else float(coef) for coef in (gate_l1, cell_l1))
+            for t in reversed(range(steps)):
+                saved_t = {
+                    "acts": acts[t],
+                    "c_prev": cells[t],
+                    "tanh_n": tanh_n[t],
+                    "gate_v": None if gate_v is None else gate_v[t],
+                    "gate_r": None if gate_r is None else gate_r[t],
+                    "cell_v": None if cell_v is None else cell_v[t],
+                    "cell_r": None if cell_r is None else cell_r[t],
+                }
+                step_out = None if grad_out is None else grad_out[t]
+                native.lstm_backward_step(
+                    grad_h, step_out, grad_c, saved_t, grad_a[t], ctx.specs, l1_coefs
+                )
+                torch.mm(grad_a[t], hidden_weight, out=grad_h)
         g_slice = slice(2 * hidden, 3 * hidden)
-        for t in reversed(range(steps)):
+        for t in reversed(range(steps if ctx.specs is None else 0)):
             if grad_out is not None:
                 grad_h = grad_h + grad_out[t]
             act = acts[t]
@@ -290,7 +383,8 @@ class FusedLSTM(torch.autograd.Function):
             grad_c = grad_c * f
             grad_h = grad_v @ hidden_weight
         if centering is not None:  # the centring's adjoint for all steps at once
-            grad_a = (grad_a.view(-1, hidden) @ centering.T).view(grad_a.shape)
+            flat = grad_a.view(-1, hidden)
+            grad_a = (flat - gate_plan.mean_adjoint(flat, "center")).view(grad_a.shape)
         flat = grad_a.view(steps * batch, four_h)
         grad_weight = flat.T @ hs[:steps].reshape(steps * batch, hidden)
         return grad_a, grad_h, grad_c, grad_weight, None, None
@@ -323,7 +417,8 @@ class FusedRNN(torch.autograd.Function):
         steps, batch, hidden = projected.shape
         centering = plan.centering()
         if centering is not None:  # fold the centring into the weights, once
-            projected = (projected.reshape(-1, hidden) @ centering).view(projected.shape)
+            flat = projected.reshape(-1, hidden)
+            projected = (flat - plan.mean(flat, "center")).view(projected.shape)
             hidden_weight = centering.T @ hidden_weight
         weight_t = hidden_weight.T
         keep_v = plan.scale is not None or plan.l1 > 0
@@ -368,7 +463,8 @@ class FusedRNN(torch.autograd.Function):
             grad_a[t] = grad_v
             grad_h = grad_v @ hidden_weight
         if centering is not None:  # the centring's adjoint for all steps at once
-            grad_a = (grad_a.view(-1, hidden) @ centering.T).view(grad_a.shape)
+            flat = grad_a.view(-1, hidden)
+            grad_a = (flat - plan.mean_adjoint(flat, "center")).view(grad_a.shape)
         flat = grad_a.view(steps * batch, hidden)
         grad_weight = flat.T @ hs[:steps].reshape(steps * batch, hidden)
         return grad_a, grad_h, grad_weight, None, None

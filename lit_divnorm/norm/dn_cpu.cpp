@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -274,6 +275,243 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
   return grad_floor;
 }
 
+// The box means (their transpose with adjoint) of rows first .. first + count - 1 (count <=
+// kTile) of `in` (rows, len) into `out`. The running sums advance along the rows with the
+// tile's rows side by side, so that they vectorize across rows; `prefix` holds
+// (len + 1) * kTile doubles.
+constexpr int64_t kTile = 8;
+
+template <typename T>
+void box_tile(const T* in, T* out, int64_t count, int64_t len, const Window& w,
+              const double* scale, bool adjoint, double* prefix) {
+  const int64_t lead = adjoint ? w.after : w.before;
+  const int64_t lag = adjoint ? w.before : w.after;
+  for (int64_t k = 0; k < kTile; ++k) prefix[k] = 0.0;
+  for (int64_t j = 0; j < len; ++j) {
+    const double factor = adjoint ? scale[j] : 1.0;
+    const double* before = prefix + j * kTile;
+    double* after = prefix + (j + 1) * kTile;
+    for (int64_t k = 0; k < kTile; ++k)
+      after[k] = before[k] + (k < count ? factor * static_cast<double>(in[k * len + j]) : 0.0);
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const double factor = adjoint ? 1.0 : scale[j];
+    const double* high = prefix + std::min(len, j + lag + 1) * kTile;
+    const double* low = prefix + std::max<int64_t>(0, j - lead) * kTile;
+    for (int64_t k = 0; k < count; ++k)
+      out[k * len + j] = static_cast<T>((high[k] - low[k]) * factor);
+  }
+}
+
+// out = the box means (their transpose with adjoint) of each row of `in` (rows, len), one
+// window for all rows; out may be in.
+template <typename T>
+void box_rows(const T* in, T* out, int64_t rows, int64_t len, const Window& w,
+              const double* scale, bool adjoint, int threads) {
+  const int64_t tiles = (rows + kTile - 1) / kTile;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * len >= 32768)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t first = tile * kTile;
+    box_tile(in + first * len, out + first * len, std::min(kTile, rows - first), len, w, scale,
+             adjoint, scratch<double>(2, (len + 1) * kTile));
+  }
+}
+
+// ---- LSTM time steps with feature-vector norms (lit_divnorm/models/fused_rnn.py) ----
+
+// exp for float in plain arithmetic, so that loops over it vectorize (Cephes' expf: range
+// reduction by ln 2, a degree-6 polynomial, the power of 2 written into the exponent bits).
+inline float exp_fast(float x) {
+  x = std::max(-87.0f, std::min(x, 88.0f));
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float power;
+  std::memcpy(&power, &bits, sizeof power);
+  return (p * r * r + r + 1.0f) * power;
+}
+
+inline void sigmoid_row(float* a, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) a[j] = 1.0f / (1.0f + exp_fast(-a[j]));
+}
+inline void sigmoid_row(double* a, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) a[j] = 1.0 / (1.0 + std::exp(-a[j]));
+}
+inline void tanh_row(float* a, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) a[j] = 2.0f / (1.0f + exp_fast(-2.0f * a[j])) - 1.0f;
+}
+inline void tanh_row(double* a, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) a[j] = std::tanh(a[j]);
+}
+
+// A norm field over the len features of each row: spec = (mode, before, after, divisor),
+// mode 0 none, 1 the mean over all features (a layer field), 2 a window (divisor 0: count the
+// features inside). The functions below work on `rows` rows at once, in one thread.
+struct RowField {
+  int64_t mode;
+  Window w;
+  std::vector<double> scale;
+
+  RowField(const int64_t* spec, int64_t len) : mode(spec[0]), w{spec[1], spec[2], spec[3]} {
+    if (mode == 2) scale = Geometry::scales(len, w);
+  }
+
+  // out = the field mean of each row of u (its transpose with adjoint); out may be u.
+  template <typename T>
+  void mean(const T* u, T* out, int64_t rows, int64_t len, bool adjoint) const {
+    if (mode == 2) {
+      box_rows(u, out, rows, len, w, scale.data(), adjoint, 1);
+      return;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      double total = 0.0;
+      for (int64_t j = 0; j < len; ++j) total += u[i * len + j];
+      const T average = static_cast<T>(total / static_cast<double>(len));
+      for (int64_t j = 0; j < len; ++j) out[i * len + j] = average;
+    }
+  }
+
+  // r = (mean(v^2) + floor)^(-1/2) and y = v r (r: 1 value per row for mode 1, else len).
+  template <typename T>
+  void normalize(const T* v, T* r, T* y, int64_t rows, int64_t len, T floor, T* work) const {
+    const int64_t n = rows * len;
+    for (int64_t j = 0; j < n; ++j) work[j] = v[j] * v[j];
+    mean(work, work, rows, len, false);
+    if (mode == 1) {
+      for (int64_t i = 0; i < rows; ++i) r[i] = T(1) / std::sqrt(work[i * len] + floor);
+      for (int64_t j = 0; j < n; ++j) y[j] = v[j] * r[j / len];
+      return;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      r[j] = T(1) / std::sqrt(work[j] + floor);
+      y[j] = v[j] * r[j];
+    }
+  }
+
+  // In place: dL/dy -> dL/dv of normalize (v, r saved), plus l1 sign(v) when l1 != 0.
+  template <typename T>
+  void normalize_backward(T* grad, const T* v, const T* r, int64_t rows, int64_t len, T l1,
+                          T* work) const {
+    const int64_t n = rows * len;
+    if (mode) {
+      for (int64_t j = 0; j < n; ++j) {
+        const T rj = r[mode == 1 ? j / len : j];
+        work[j] = grad[j] * v[j] * (T(-0.5) * rj * rj * rj);
+      }
+      mean(work, work, rows, len, true);
+      for (int64_t j = 0; j < n; ++j) grad[j] = grad[j] * r[mode == 1 ? j / len : j] + 2 * v[j] * work[j];
+    }
+    if (l1 != T(0))
+      for (int64_t j = 0; j < n; ++j) grad[j] += l1 * sign_of(v[j]);
+  }
+};
+
+// One forward step of FusedLSTM for the N samples: v (N, 4H) the gates' (centred)
+// pre-activations i, f, g, o -> acts (N, 4H), c (N, H), tanh_n (N, H), h (N, H), and the
+// norms' saved r (gate_r, cell_r) and centred cell (cell_v, when not null). Returns
+// sum |v| and sum |cell_v| in l1_sums.
+template <typename T>
+void lstm_forward_step(const T* v, const T* c_prev, T* gate_r, T* acts, T* c, T* cell_v,
+                       T* cell_r, T* tanh_n, T* h, int64_t n, int64_t hs,
+                       const RowField& gate_sup, const RowField& cell_sum,
+                       const RowField& cell_sup, T gate_floor, T cell_floor, double* l1_sums) {
+  const int64_t rows = 4 * n;
+  T* work = scratch<T>(0, rows * hs);
+  T* centred = cell_v ? cell_v : scratch<T>(1, n * hs);
+  if (gate_sup.mode)
+    gate_sup.normalize(v, gate_r, acts, rows, hs, gate_floor, work);
+  else
+    std::copy(v, v + rows * hs, acts);
+  for (int64_t row = 0; row < rows; ++row) {
+    if (row % 4 == 2)
+      tanh_row(acts + row * hs, hs);
+    else
+      sigmoid_row(acts + row * hs, hs);
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const T* i = acts + s * 4 * hs;
+    const T* f = i + hs;
+    const T* g = i + 2 * hs;
+    for (int64_t j = 0; j < hs; ++j) c[s * hs + j] = f[j] * c_prev[s * hs + j] + i[j] * g[j];
+  }
+  if (cell_sum.mode) {
+    cell_sum.mean(c, centred, n, hs, false);
+    for (int64_t j = 0; j < n * hs; ++j) centred[j] = c[j] - centred[j];
+  } else {
+    std::copy(c, c + n * hs, centred);
+  }
+  if (cell_sup.mode)
+    cell_sup.normalize(centred, cell_r, tanh_n, n, hs, cell_floor, work);
+  else
+    std::copy(centred, centred + n * hs, tanh_n);
+  tanh_row(tanh_n, n * hs);
+  for (int64_t s = 0; s < n; ++s) {
+    const T* o = acts + s * 4 * hs + 3 * hs;
+    for (int64_t j = 0; j < hs; ++j) h[s * hs + j] = o[j] * tanh_n[s * hs + j];
+  }
+  T gate_abs = T(0), cell_abs = T(0);
+  for (int64_t j = 0; j < rows * hs; ++j) gate_abs += std::fabs(v[j]);
+  for (int64_t j = 0; j < n * hs; ++j) cell_abs += std::fabs(centred[j]);
+  l1_sums[0] += gate_abs;
+  l1_sums[1] += cell_abs;
+}
+
+// One backward step: from dL/dh_t (grad_h, plus grad_out when not null) and dL/dc_t (grad_c,
+// updated in place to dL/dc_{t-1}) to dL/dv_t (grad_v, (N, 4H)); the saved tensors are those
+// of the forward step (c_prev = c_{t-1}; gate_v, cell_v may be null when not needed).
+template <typename T>
+void lstm_backward_step(const T* grad_h, const T* grad_out, T* grad_c, const T* acts,
+                        const T* c_prev, const T* tanh_n, const T* gate_v, const T* gate_r,
+                        const T* cell_v, const T* cell_r, T* grad_v, int64_t n, int64_t hs,
+                        const RowField& gate_sup, const RowField& cell_sum,
+                        const RowField& cell_sup, T gate_l1, T cell_l1) {
+  T* work = scratch<T>(0, 4 * n * hs);
+  T* grad_n = scratch<T>(1, 2 * n * hs);
+  T* grad_o = grad_n + n * hs;
+  for (int64_t s = 0; s < n; ++s) {
+    const T* o = acts + s * 4 * hs + 3 * hs;
+    for (int64_t j = 0; j < hs; ++j) {
+      const int64_t k = s * hs + j;
+      const T dh = grad_out ? grad_h[k] + grad_out[k] : grad_h[k];
+      grad_o[k] = dh * tanh_n[k];
+      grad_n[k] = dh * o[j] * (T(1) - tanh_n[k] * tanh_n[k]);
+    }
+  }
+  if (cell_sup.mode || cell_l1 != T(0))
+    cell_sup.normalize_backward(grad_n, cell_v, cell_r, n, hs, cell_l1, work);
+  if (cell_sum.mode) {
+    cell_sum.mean(grad_n, work, n, hs, true);
+    for (int64_t k = 0; k < n * hs; ++k) grad_c[k] += grad_n[k] - work[k];
+  } else {
+    for (int64_t k = 0; k < n * hs; ++k) grad_c[k] += grad_n[k];
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const T* i = acts + s * 4 * hs;
+    const T* f = i + hs;
+    const T* g = i + 2 * hs;
+    const T* o = i + 3 * hs;
+    T* gc = grad_c + s * hs;
+    const T* cp = c_prev + s * hs;
+    const T* go = grad_o + s * hs;
+    T* gv = grad_v + s * 4 * hs;
+    for (int64_t j = 0; j < hs; ++j) {
+      gv[j] = gc[j] * g[j] * i[j] * (T(1) - i[j]);
+      gv[hs + j] = gc[j] * cp[j] * f[j] * (T(1) - f[j]);
+      gv[2 * hs + j] = gc[j] * i[j] * (T(1) - g[j] * g[j]);
+      gv[3 * hs + j] = go[j] * o[j] * (T(1) - o[j]);
+      gc[j] *= f[j];
+    }
+  }
+  if (gate_sup.mode || gate_l1 != T(0))
+    gate_sup.normalize_backward(grad_v, gate_v, gate_r, 4 * n, hs, gate_l1, work);
+}
+
 }  // namespace
 
 #define DN_EXPORT(T, S)                                                                         \
@@ -290,6 +528,30 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
                                     double coef, int with_l1, int threads) {                   \
     return backward<T>(g, x, q1, m, r, grad_x, n, c, Geometry(ndim, dims, sum, sup), coef,     \
                        with_l1, threads);                                                       \
+  }                                                                                             \
+  extern "C" void dn_lstm_forward_step_##S(                                                      \
+      const T* v, const T* c_prev, T* gate_r, T* acts, T* c, T* cell_v, T* cell_r, T* tanh_n,   \
+      T* h, int64_t n, int64_t hs, const int64_t* gate_sup, const int64_t* cell_sum,            \
+      const int64_t* cell_sup, double gate_floor, double cell_floor, double* l1_sums) {         \
+    lstm_forward_step<T>(v, c_prev, gate_r, acts, c, cell_v, cell_r, tanh_n, h, n, hs,          \
+                         RowField(gate_sup, hs), RowField(cell_sum, hs), RowField(cell_sup, hs), \
+                         static_cast<T>(gate_floor), static_cast<T>(cell_floor), l1_sums);      \
+  }                                                                                             \
+  extern "C" void dn_lstm_backward_step_##S(                                                     \
+      const T* grad_h, const T* grad_out, T* grad_c, const T* acts, const T* c_prev,            \
+      const T* tanh_n, const T* gate_v, const T* gate_r, const T* cell_v, const T* cell_r,      \
+      T* grad_v, int64_t n, int64_t hs, const int64_t* gate_sup, const int64_t* cell_sum,       \
+      const int64_t* cell_sup, double gate_l1, double cell_l1) {                                \
+    lstm_backward_step<T>(grad_h, grad_out, grad_c, acts, c_prev, tanh_n, gate_v, gate_r,       \
+                          cell_v, cell_r, grad_v, n, hs, RowField(gate_sup, hs),                \
+                          RowField(cell_sum, hs), RowField(cell_sup, hs),                       \
+                          static_cast<T>(gate_l1), static_cast<T>(cell_l1));                    \
+  }                                                                                             \
+  extern "C" void dn_box_rows_##S(const T* in, T* out, int64_t rows, int64_t len,               \
+                                  const int64_t* window, int adjoint, int threads) {           \
+    const Window w{window[0], window[1], window[2]};                                             \
+    const std::vector<double> scale = Geometry::scales(len, w);                                  \
+    box_rows<T>(in, out, rows, len, w, scale.data(), adjoint != 0, threads);                     \
   }
 
 DN_EXPORT(float, f32)

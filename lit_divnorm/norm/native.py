@@ -32,13 +32,16 @@ from torch import Tensor
 from lit_divnorm.norm.box import Border
 
 SOURCE = Path(__file__).with_name("dn_cpu.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 _I64, _INT, _DBL, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
 _SIGNATURES = {
     "dn_forward": (_DBL, [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_backward": (_DBL, [_PTR] * 6 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
+    "dn_box_rows": (None, [_PTR, _PTR, _I64, _I64, _PTR, _INT, _INT]),
+    "dn_lstm_forward_step": (None, [_PTR] * 9 + [_I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL, _PTR]),
+    "dn_lstm_backward_step": (None, [_PTR] * 11 + [_I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL]),
 }
 
 
@@ -203,3 +206,100 @@ def backward(
         torch.get_num_threads(),
     )
     return grad_x, grad_floor
+
+
+RowSpec = tuple[int, int, int, int]
+
+
+@functools.lru_cache(maxsize=64)
+def _window_spec(window: tuple[int, int, int]) -> ctypes.Array:
+    return (_I64 * 3)(*window)
+
+
+def box_rows(u: Tensor, window: tuple[int, int, int], adjoint: bool = False) -> Tensor:
+    """Box means along the last axis of ``u`` ``(..., L)``: ``window = (before, after,
+    divisor)`` covers ``j - before .. j + after``, divided by ``divisor`` or, when it is 0, by
+    the positions inside; ``adjoint`` applies the transpose. The same as ``u @ M.T``
+    (``u @ M``) for ``M`` of :func:`lit_divnorm.norm.box.box_matrix`, in O(u.numel())."""
+    u = u.contiguous()
+    out = torch.empty_like(u)
+    rows = u.numel() // u.shape[-1] if u.numel() else 0
+    _function("dn_box_rows", u)(
+        u.data_ptr(),
+        out.data_ptr(),
+        rows,
+        u.shape[-1],
+        _window_spec(window),
+        int(adjoint),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _row_spec(spec: RowSpec) -> ctypes.Array:
+    return (_I64 * 4)(*spec)
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def lstm_forward_step(
+    v: Tensor,
+    c_prev: Tensor,
+    out: dict[str, Tensor | None],
+    specs: tuple[RowSpec, RowSpec, RowSpec],
+    floors: tuple[float, float],
+    l1_sums: ctypes.Array,
+) -> None:
+    """One LSTM step of :class:`lit_divnorm.models.fused_rnn.FusedLSTM` for every sample.
+
+    ``v (N, 4H)`` holds the gates' centred pre-activations ``i, f, g, o``; ``specs`` the gate
+    suppression, cell summation and cell suppression fields as ``(mode, before, after,
+    divisor)`` (mode 0 none, 1 a layer mean, 2 a window; divisor 0 counts the features
+    inside); ``floors`` the gate and cell ``sigma^2 + eps``. Writes the contiguous buffers of
+    ``out``: ``gate_r``, ``acts (N, 4H)``, ``c``, ``cell_v``, ``cell_r``, ``tanh_n``, ``h``
+    (``(N, H)``; an ``r`` has width 1 for a layer mean; ``gate_r``, ``cell_r``, ``cell_v``
+    may be ``None`` where not needed), and adds ``sum|v|`` and ``sum|cell_v|`` to the two
+    doubles of ``l1_sums``.
+    """
+    names = ("gate_r", "acts", "c", "cell_v", "cell_r", "tanh_n", "h")
+    _function("dn_lstm_forward_step", v)(
+        v.data_ptr(),
+        c_prev.data_ptr(),
+        *(_pointer(out[name]) for name in names),
+        c_prev.shape[0],
+        c_prev.shape[1],
+        *(_row_spec(spec) for spec in specs),
+        *floors,
+        l1_sums,
+    )
+
+
+def lstm_backward_step(
+    grad_h: Tensor,
+    grad_out: Tensor | None,
+    grad_c: Tensor,
+    saved: dict[str, Tensor | None],
+    grad_v: Tensor,
+    specs: tuple[RowSpec, RowSpec, RowSpec],
+    l1_coefs: tuple[float, float],
+) -> None:
+    """The backward of :func:`lstm_forward_step`: writes ``dL/dv (N, 4H)`` into ``grad_v``
+    and turns ``grad_c`` (``dL/dc_t``) into ``dL/dc_{t-1}`` in place; ``grad_h`` (plus
+    ``grad_out``) is ``dL/dh_t``. ``saved`` holds that step's ``acts``, ``c_prev``, ``tanh_n``,
+    ``gate_v``, ``gate_r``, ``cell_v``, ``cell_r``; ``l1_coefs`` the gate and cell L1 terms'
+    ``dL/d(sum|v|)`` (0: none)."""
+    names = ("acts", "c_prev", "tanh_n", "gate_v", "gate_r", "cell_v", "cell_r")
+    _function("dn_lstm_backward_step", grad_h)(
+        grad_h.data_ptr(),
+        _pointer(grad_out),
+        grad_c.data_ptr(),
+        *(_pointer(saved[name]) for name in names),
+        grad_v.data_ptr(),
+        grad_c.shape[0],
+        grad_c.shape[1],
+        *(_row_spec(spec) for spec in specs),
+        *l1_coefs,
+    )

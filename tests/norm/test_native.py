@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit_divnorm.norm import Field, divisive_norm, native
+from lit_divnorm.norm import Field, box, divisive_norm, native
 from lit_divnorm.norm.fused import local_divisive_norm
 from tests.norm.reference import RefField, ref_divisive_norm
 
@@ -92,6 +92,23 @@ def test_thread_count_does_not_change_the_result():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("border", "divisor"), [("valid", None), ("reference", None), ("reference", 3)]
+)
+@pytest.mark.parametrize("width", [1, 4, 5, 30])
+@pytest.mark.parametrize("rows", [1, 13])
+def test_box_rows_equals_the_box_matrix_and_its_transpose(rows, width, border, divisor, dtype):
+    """Rows in tiles of 8 (13 leaves a partial tile); a window wider than the 21 features."""
+    u = torch.randn(rows, 21, dtype=dtype)
+    count = 0 if border == "valid" else (divisor or width)
+    matrix = box.box_matrix(21, width, border, divisor, u.device, dtype)
+    spec = ((width - 1) // 2, width // 2, count)
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+    torch.testing.assert_close(native.box_rows(u, spec), u @ matrix.T, **tolerance)
+    torch.testing.assert_close(native.box_rows(u, spec, adjoint=True), u @ matrix, **tolerance)
 
 
 def test_build_writes_the_library_atomically(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lit_divnorm.models.rnn import LSTMLayer, RNNLayer
+from lit_divnorm.norm import native
 from lit_divnorm.norm.registry import list_norms
 from lit_divnorm.norm.sparsity import sparsity_penalty
 
@@ -43,11 +44,22 @@ def _run(layer: LSTMLayer | RNNLayer, x: Tensor, h0: Tensor, c0: Tensor) -> dict
     return result
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernel(request, monkeypatch) -> str:
+    """The fused path with its C++ parts (LSTM steps, box means) and without them."""
+    if request.param == "native":
+        if not native.available():
+            pytest.skip("the C++ kernels could not be built here")
+    else:
+        monkeypatch.setattr(native, "applies", lambda x: False)
+    return request.param
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(("norm", "fast"), NORMS, ids=str)
 @pytest.mark.parametrize("cell", ["lstm", "tanh", "relu"])
 def test_fused_layer_equals_the_step_loop(
-    cell: str, norm: object, fast: bool, training: bool
+    cell: str, norm: object, fast: bool, training: bool, kernel: str
 ) -> None:
     if cell == "lstm":
         fused = LSTMLayer(5, 6, norm=norm, layer_window=3, time_steps=2).double()
@@ -71,6 +83,28 @@ def test_fused_layer_equals_the_step_loop(
         assert (got[key] is None) == (want[key] is None), key
         if want[key] is not None:
             torch.testing.assert_close(got[key], want[key], msg=key)
+
+
+@pytest.mark.parametrize("norm", ["dn*", "ln*", "none"])
+def test_float32_native_lstm_matches_the_step_loop(norm: str) -> None:
+    """float32 at the PTB layer's proportions: the C++ steps (their polynomial exp) against
+    the loop over torch's own sigmoid and tanh."""
+    if not native.available():
+        pytest.skip("the C++ kernels could not be built here")
+    torch.manual_seed(0)
+    fused = LSTMLayer(16, 40, norm=norm, layer_window=7)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    loop = copy.deepcopy(fused)
+    loop.fused = False
+    assert fused._fused_plans(torch.zeros(1, 1, 16)) is not None
+    x = 2 * torch.randn(6, 5, 16)
+    h0, c0 = torch.randn(5, 40), torch.randn(5, 40)
+    got, want = _run(fused, x, h0, c0), _run(loop, x, h0, c0)
+    for key in want:
+        if want[key] is not None:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def _box3(z: Tensor) -> Tensor:
