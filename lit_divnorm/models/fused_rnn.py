@@ -93,13 +93,11 @@ class FeatureNormPlan:
             return native.box_rows(g, box, adjoint=True)
         return g @ getattr(self, which).T
 
-    def centering(self) -> Tensor | None:
-        """``I - S``: ``v = u @ (I - S)`` (``None`` without a summation field). Being linear,
-        it folds into the weights before it: ``(x W^T) (I - S) = x ((I - S)^T W)^T``."""
-        if self.center is None:
-            return None
-        center = self.center
-        return torch.eye(center.shape[0], dtype=center.dtype, device=center.device) - center
+    def center_weight(self, weight: Tensor) -> Tensor:
+        """``(I - S)^T W`` for a weight ``(..., H, K)`` producing the centred units: centring
+        is linear, so it folds into the weight before it, ``(x W^T)(I - S) = x ((I - S)^T W)^T``
+        (``S^T W`` as the means of ``W^T``'s rows)."""
+        return weight - self.mean(weight.transpose(-1, -2), "center").transpose(-1, -2)
 
     def forward(
         self, u: Tensor, out_v: Tensor | None = None, out_r: Tensor | None = None
@@ -253,11 +251,12 @@ class FusedLSTM(torch.autograd.Function):
     def forward(ctx, projected, h0, c0, hidden_weight, gate_plan, cell_plan):  # type: ignore[override]
         steps, batch, four_h = projected.shape
         hidden = four_h // 4
-        centering = gate_plan.centering()
-        if centering is not None:  # fold the gates' centring into the weights, once
+        centered = gate_plan.center is not None
+        if centered:  # fold the gates' centring into the inputs and weights, once
             flat = projected.reshape(-1, hidden)
             projected = (flat - gate_plan.mean(flat, "center")).view(projected.shape)
-            hidden_weight = (centering.T @ hidden_weight.view(4, hidden, hidden)).view(four_h, -1)
+            gates = hidden_weight.view(4, hidden, hidden)
+            hidden_weight = gate_plan.center_weight(gates).reshape(four_h, hidden)
         weight_t = hidden_weight.T
         acts = projected.new_empty(steps, batch, four_h)
         keep_gate_v = gate_plan.scale is not None or gate_plan.l1 > 0
@@ -273,21 +272,16 @@ class FusedLSTM(torch.autograd.Function):
         specs = native_lstm_specs(projected, gate_plan, cell_plan)
         l1_sums = (ctypes.c_double * 2)()
         if specs is not None:  # each step's work after the product in one C++ call
+            v = gate_v.view(steps, batch, four_h) if keep_gate_v else acts.new_empty(batch, four_h)
+            buffers = {
+                "v": v, "gate_r": gate_r, "acts": acts, "cells": cells, "cell_v": cell_v,
+                "cell_r": cell_r, "tanh_n": tanh_n, "hs": hs,
+            }  # fmt: skip
             floors = (gate_plan.floor, cell_plan.floor)
-            scratch_v = None if keep_gate_v else projected.new_empty(batch, four_h)
+            step = native.lstm_forward_steps(buffers, specs, floors, l1_sums)
             for t in range(steps):
-                v = gate_v[t].view(batch, four_h) if keep_gate_v else scratch_v
-                torch.addmm(projected[t], hs[t], weight_t, out=v)
-                out = {
-                    "gate_r": None if gate_r is None else gate_r[t],
-                    "acts": acts[t],
-                    "c": cells[t + 1],
-                    "cell_v": None if cell_v is None else cell_v[t],
-                    "cell_r": None if cell_r is None else cell_r[t],
-                    "tanh_n": tanh_n[t],
-                    "h": hs[t + 1],
-                }
-                native.lstm_forward_step(v, cells[t], out, specs, floors, l1_sums)
+                torch.addmm(projected[t], hs[t], weight_t, out=v[t] if keep_gate_v else v)
+                step(t)
         g_slice = slice(2 * hidden, 3 * hidden)
         for t in range(steps if specs is None else 0):
             if keep_gate_v:  # written in place: no copies into the saved buffers
@@ -317,8 +311,9 @@ class FusedLSTM(torch.autograd.Function):
             if cell_plan.l1 > 0:
                 l1 = l1 + cell_v.abs().sum() * (cell_plan.l1 / per_slot)
         saved = (hidden_weight, acts, gate_v, gate_r, cells, hs, cell_v, cell_r, tanh_n)
-        ctx.save_for_backward(*saved, centering)
+        ctx.save_for_backward(*saved)
         ctx.plans = (gate_plan, cell_plan)
+        ctx.centered = centered
         ctx.specs = specs
         outputs = hs[1:]
         return outputs.clone(), hs[steps].clone(), cells[steps].clone(), l1
@@ -327,9 +322,7 @@ class FusedLSTM(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c, grad_l1):  # type: ignore[override]
         # hidden_weight here has the gates' centring folded in (see forward)
-        hidden_weight, acts, gate_v, gate_r, cells, hs, cell_v, cell_r, tanh_n, centering = (
-            ctx.saved_tensors
-        )
+        hidden_weight, acts, gate_v, gate_r, cells, hs, cell_v, cell_r, tanh_n = ctx.saved_tensors
         gate_plan, cell_plan = ctx.plans
         steps, batch, four_h = acts.shape
         hidden = four_h // 4
@@ -343,22 +336,20 @@ class FusedLSTM(torch.autograd.Function):
         grad_c = grad_c.clone(memory_format=contiguous) if grad_c is not None else None
         grad_c = grad_c if grad_c is not None else acts.new_zeros(batch, hidden)
         if ctx.specs is not None:  # each step's work besides the product in one C++ call
-            grad_out = None if grad_out is None else grad_out.contiguous()
+            grads = {
+                "grad_h": grad_h,
+                "grad_out": None if grad_out is None else grad_out.contiguous(),
+                "grad_c": grad_c,
+                "grad_v": grad_a,
+            }
+            saved = {
+                "acts": acts, "cells": cells, "tanh_n": tanh_n, "gate_v": gate_v,
+                "gate_r": gate_r, "cell_v": cell_v, "cell_r": cell_r,
+            }  # fmt: skip
             l1_coefs = tuple(0.0 if coef is None else float(coef) for coef in (gate_l1, cell_l1))
+            step = native.lstm_backward_steps(grads, saved, ctx.specs, l1_coefs)
             for t in reversed(range(steps)):
-                saved_t = {
-                    "acts": acts[t],
-                    "c_prev": cells[t],
-                    "tanh_n": tanh_n[t],
-                    "gate_v": None if gate_v is None else gate_v[t],
-                    "gate_r": None if gate_r is None else gate_r[t],
-                    "cell_v": None if cell_v is None else cell_v[t],
-                    "cell_r": None if cell_r is None else cell_r[t],
-                }
-                step_out = None if grad_out is None else grad_out[t]
-                native.lstm_backward_step(
-                    grad_h, step_out, grad_c, saved_t, grad_a[t], ctx.specs, l1_coefs
-                )
+                step(t)
                 torch.mm(grad_a[t], hidden_weight, out=grad_h)
         g_slice = slice(2 * hidden, 3 * hidden)
         for t in reversed(range(steps if ctx.specs is None else 0)):
@@ -382,7 +373,7 @@ class FusedLSTM(torch.autograd.Function):
             grad_a[t] = grad_v
             grad_c = grad_c * f
             grad_h = grad_v @ hidden_weight
-        if centering is not None:  # the centring's adjoint for all steps at once
+        if ctx.centered:  # the centring's adjoint for all steps at once
             flat = grad_a.view(-1, hidden)
             grad_a = (flat - gate_plan.mean_adjoint(flat, "center")).view(grad_a.shape)
         flat = grad_a.view(steps * batch, four_h)
@@ -415,11 +406,11 @@ class FusedRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected, h0, hidden_weight, plan, relu):  # type: ignore[override]
         steps, batch, hidden = projected.shape
-        centering = plan.centering()
-        if centering is not None:  # fold the centring into the weights, once
+        centered = plan.center is not None
+        if centered:  # fold the centring into the inputs and weights, once
             flat = projected.reshape(-1, hidden)
             projected = (flat - plan.mean(flat, "center")).view(projected.shape)
-            hidden_weight = centering.T @ hidden_weight
+            hidden_weight = plan.center_weight(hidden_weight)
         weight_t = hidden_weight.T
         keep_v = plan.scale is not None or plan.l1 > 0
         norm_v = projected.new_empty(steps, batch, hidden) if keep_v else None
@@ -440,14 +431,14 @@ class FusedRNN(torch.autograd.Function):
         l1 = projected.new_zeros(())
         if plan.l1 > 0:
             l1 = l1 + norm_v.abs().sum() * (plan.l1 / (batch * hidden))
-        ctx.save_for_backward(hidden_weight, hs, norm_v, norm_r, centering)
-        ctx.plan, ctx.relu = plan, relu
+        ctx.save_for_backward(hidden_weight, hs, norm_v, norm_r)
+        ctx.plan, ctx.relu, ctx.centered = plan, relu, centered
         return hs[1:].clone(), hs[steps].clone(), l1
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_l1):  # type: ignore[override]
-        hidden_weight, hs, norm_v, norm_r, centering = ctx.saved_tensors  # centring folded in
+        hidden_weight, hs, norm_v, norm_r = ctx.saved_tensors  # centring folded in
         plan, relu = ctx.plan, ctx.relu
         steps, batch, hidden = grad_out.shape
         l1_coef = grad_l1 * (plan.l1 / (batch * hidden)) if plan.l1 > 0 else None
@@ -462,7 +453,7 @@ class FusedRNN(torch.autograd.Function):
             grad_v = plan.scale_backward(grad_z, v, r, l1_coef)
             grad_a[t] = grad_v
             grad_h = grad_v @ hidden_weight
-        if centering is not None:  # the centring's adjoint for all steps at once
+        if ctx.centered:  # the centring's adjoint for all steps at once
             flat = grad_a.view(-1, hidden)
             grad_a = (flat - plan.mean_adjoint(flat, "center")).view(grad_a.shape)
         flat = grad_a.view(steps * batch, hidden)

@@ -529,23 +529,40 @@ void lstm_backward_step(const T* grad_h, const T* grad_out, T* grad_c, const T* 
     return backward<T>(g, x, q1, m, r, grad_x, n, c, Geometry(ndim, dims, sum, sup), coef,     \
                        with_l1, threads);                                                       \
   }                                                                                             \
+  /* step t over whole (T, ...) buffers; v advances by v_stride (0: one scratch row block) */  \
   extern "C" void dn_lstm_forward_step_##S(                                                      \
-      const T* v, const T* c_prev, T* gate_r, T* acts, T* c, T* cell_v, T* cell_r, T* tanh_n,   \
-      T* h, int64_t n, int64_t hs, const int64_t* gate_sup, const int64_t* cell_sum,            \
-      const int64_t* cell_sup, double gate_floor, double cell_floor, double* l1_sums) {         \
-    lstm_forward_step<T>(v, c_prev, gate_r, acts, c, cell_v, cell_r, tanh_n, h, n, hs,          \
-                         RowField(gate_sup, hs), RowField(cell_sum, hs), RowField(cell_sup, hs), \
+      const T* v, int64_t v_stride, T* gate_r, T* acts, T* cells, T* cell_v, T* cell_r,         \
+      T* tanh_n, T* hs_all, int64_t n, int64_t hs, const int64_t* gate_sup,                     \
+      const int64_t* cell_sum, const int64_t* cell_sup, double gate_floor, double cell_floor,   \
+      double* l1_sums, int64_t t) {                                                             \
+    const int64_t nh = n * hs;                                                                  \
+    const int64_t gate_r_step = 4 * n * (gate_sup[0] == 1 ? 1 : hs);                            \
+    const int64_t cell_r_step = n * (cell_sup[0] == 1 ? 1 : hs);                                \
+    lstm_forward_step<T>(v + t * v_stride, cells + t * nh,                                      \
+                         gate_r ? gate_r + t * gate_r_step : nullptr, acts + t * 4 * nh,        \
+                         cells + (t + 1) * nh, cell_v ? cell_v + t * nh : nullptr,              \
+                         cell_r ? cell_r + t * cell_r_step : nullptr, tanh_n + t * nh,          \
+                         hs_all + (t + 1) * nh, n, hs, RowField(gate_sup, hs),                  \
+                         RowField(cell_sum, hs), RowField(cell_sup, hs),                        \
                          static_cast<T>(gate_floor), static_cast<T>(cell_floor), l1_sums);      \
   }                                                                                             \
   extern "C" void dn_lstm_backward_step_##S(                                                     \
-      const T* grad_h, const T* grad_out, T* grad_c, const T* acts, const T* c_prev,            \
+      const T* grad_h, const T* grad_out, T* grad_c, const T* acts, const T* cells,             \
       const T* tanh_n, const T* gate_v, const T* gate_r, const T* cell_v, const T* cell_r,      \
       T* grad_v, int64_t n, int64_t hs, const int64_t* gate_sup, const int64_t* cell_sum,       \
-      const int64_t* cell_sup, double gate_l1, double cell_l1) {                                \
-    lstm_backward_step<T>(grad_h, grad_out, grad_c, acts, c_prev, tanh_n, gate_v, gate_r,       \
-                          cell_v, cell_r, grad_v, n, hs, RowField(gate_sup, hs),                \
-                          RowField(cell_sum, hs), RowField(cell_sup, hs),                       \
-                          static_cast<T>(gate_l1), static_cast<T>(cell_l1));                    \
+      const int64_t* cell_sup, double gate_l1, double cell_l1, int64_t t) {                     \
+    const int64_t nh = n * hs;                                                                  \
+    const int64_t gate_r_step = 4 * n * (gate_sup[0] == 1 ? 1 : hs);                            \
+    const int64_t cell_r_step = n * (cell_sup[0] == 1 ? 1 : hs);                                \
+    lstm_backward_step<T>(grad_h, grad_out ? grad_out + t * nh : nullptr, grad_c,               \
+                          acts + t * 4 * nh, cells + t * nh, tanh_n + t * nh,                   \
+                          gate_v ? gate_v + t * 4 * nh : nullptr,                               \
+                          gate_r ? gate_r + t * gate_r_step : nullptr,                          \
+                          cell_v ? cell_v + t * nh : nullptr,                                   \
+                          cell_r ? cell_r + t * cell_r_step : nullptr, grad_v + t * 4 * nh, n,  \
+                          hs, RowField(gate_sup, hs), RowField(cell_sum, hs),                   \
+                          RowField(cell_sup, hs), static_cast<T>(gate_l1),                      \
+                          static_cast<T>(cell_l1));                                             \
   }                                                                                             \
   extern "C" void dn_box_rows_##S(const T* in, T* out, int64_t rows, int64_t len,               \
                                   const int64_t* window, int adjoint, int threads) {           \

@@ -40,8 +40,14 @@ _SIGNATURES = {
     "dn_forward": (_DBL, [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_backward": (_DBL, [_PTR] * 6 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_box_rows": (None, [_PTR, _PTR, _I64, _I64, _PTR, _INT, _INT]),
-    "dn_lstm_forward_step": (None, [_PTR] * 9 + [_I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL, _PTR]),
-    "dn_lstm_backward_step": (None, [_PTR] * 11 + [_I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL]),
+    "dn_lstm_forward_step": (
+        None,
+        [_PTR, _I64] + [_PTR] * 7 + [_I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL, _PTR, _I64],
+    ),
+    "dn_lstm_backward_step": (
+        None,
+        [_PTR] * 11 + [_I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL, _I64],
+    ),
 }
 
 
@@ -245,59 +251,64 @@ def _pointer(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def lstm_forward_step(
-    v: Tensor,
-    c_prev: Tensor,
-    out: dict[str, Tensor | None],
+def lstm_forward_steps(
+    buffers: dict[str, Tensor | None],
     specs: tuple[RowSpec, RowSpec, RowSpec],
     floors: tuple[float, float],
     l1_sums: ctypes.Array,
-) -> None:
-    """One LSTM step of :class:`lit_divnorm.models.fused_rnn.FusedLSTM` for every sample.
+) -> Callable[[int], None]:
+    """``step(t)``: time step ``t`` of :class:`lit_divnorm.models.fused_rnn.FusedLSTM` for
+    every sample, after the product that fills the gates' pre-activations ``v``.
 
-    ``v (N, 4H)`` holds the gates' centred pre-activations ``i, f, g, o``; ``specs`` the gate
-    suppression, cell summation and cell suppression fields as ``(mode, before, after,
-    divisor)`` (mode 0 none, 1 a layer mean, 2 a window; divisor 0 counts the features
-    inside); ``floors`` the gate and cell ``sigma^2 + eps``. Writes the contiguous buffers of
-    ``out``: ``gate_r``, ``acts (N, 4H)``, ``c``, ``cell_v``, ``cell_r``, ``tanh_n``, ``h``
-    (``(N, H)``; an ``r`` has width 1 for a layer mean; ``gate_r``, ``cell_r``, ``cell_v``
-    may be ``None`` where not needed), and adds ``sum|v|`` and ``sum|cell_v|`` to the two
-    doubles of ``l1_sums``.
+    ``buffers`` are contiguous, laid out in time: ``v`` (``(T, N, 4H)``, or one ``(N, 4H)``
+    block reused by every step), ``gate_r (T, 4N, H)``, ``acts (T, N, 4H)``, ``cells`` and
+    ``hs`` (``(T + 1, N, H)``, step ``t`` reads entry ``t`` and writes ``t + 1``), ``cell_v``,
+    ``cell_r`` and ``tanh_n`` (``(T, N, H)``); an ``r`` has width 1 instead of ``H`` for a
+    layer mean, and ``gate_r``, ``cell_v``, ``cell_r`` are ``None`` where not needed.
+    ``specs`` are the gate suppression, cell summation and cell suppression fields as
+    ``(mode, before, after, divisor)`` (mode 0 none, 1 a layer mean, 2 a window; divisor 0
+    counts the features inside); ``floors`` the gate and cell ``sigma^2 + eps``. Each step adds
+    ``sum|v|`` and ``sum|cell_v|`` to the two doubles of ``l1_sums``.
     """
-    names = ("gate_r", "acts", "c", "cell_v", "cell_r", "tanh_n", "h")
-    _function("dn_lstm_forward_step", v)(
+    v, cells = buffers["v"], buffers["cells"]
+    batch, hidden = cells.shape[1], cells.shape[2]
+    step_stride = batch * 4 * hidden if v.ndim == 3 else 0
+    names = ("gate_r", "acts", "cells", "cell_v", "cell_r", "tanh_n", "hs")
+    return functools.partial(
+        _function("dn_lstm_forward_step", v),
         v.data_ptr(),
-        c_prev.data_ptr(),
-        *(_pointer(out[name]) for name in names),
-        c_prev.shape[0],
-        c_prev.shape[1],
+        step_stride,
+        *(_pointer(buffers[name]) for name in names),
+        batch,
+        hidden,
         *(_row_spec(spec) for spec in specs),
         *floors,
         l1_sums,
     )
 
 
-def lstm_backward_step(
-    grad_h: Tensor,
-    grad_out: Tensor | None,
-    grad_c: Tensor,
+def lstm_backward_steps(
+    grads: dict[str, Tensor | None],
     saved: dict[str, Tensor | None],
-    grad_v: Tensor,
     specs: tuple[RowSpec, RowSpec, RowSpec],
     l1_coefs: tuple[float, float],
-) -> None:
-    """The backward of :func:`lstm_forward_step`: writes ``dL/dv (N, 4H)`` into ``grad_v``
-    and turns ``grad_c`` (``dL/dc_t``) into ``dL/dc_{t-1}`` in place; ``grad_h`` (plus
-    ``grad_out``) is ``dL/dh_t``. ``saved`` holds that step's ``acts``, ``c_prev``, ``tanh_n``,
-    ``gate_v``, ``gate_r``, ``cell_v``, ``cell_r``; ``l1_coefs`` the gate and cell L1 terms'
-    ``dL/d(sum|v|)`` (0: none)."""
-    names = ("acts", "c_prev", "tanh_n", "gate_v", "gate_r", "cell_v", "cell_r")
-    _function("dn_lstm_backward_step", grad_h)(
-        grad_h.data_ptr(),
-        _pointer(grad_out),
+) -> Callable[[int], None]:
+    """``step(t)``: the backward of step ``t`` of :func:`lstm_forward_steps`. Writes
+    ``dL/dv_t`` into ``grads["grad_v"][t]`` (``(T, N, 4H)``) and turns ``grads["grad_c"]``
+    (``dL/dc_t``, ``(N, H)``) into ``dL/dc_{t-1}`` in place; ``grads["grad_h"]`` (``(N, H)``)
+    plus ``grads["grad_out"][t]`` (``(T, N, H)`` or ``None``) is ``dL/dh_t``. ``saved`` holds
+    the forward's buffers ``acts``, ``cells``, ``tanh_n``, ``gate_v`` (its ``v``), ``gate_r``,
+    ``cell_v``, ``cell_r``; ``l1_coefs`` the gate and cell L1 terms' ``dL/d(sum|v|)`` (0:
+    none)."""
+    grad_c = grads["grad_c"]
+    names = ("acts", "cells", "tanh_n", "gate_v", "gate_r", "cell_v", "cell_r")
+    return functools.partial(
+        _function("dn_lstm_backward_step", grad_c),
+        grads["grad_h"].data_ptr(),
+        _pointer(grads["grad_out"]),
         grad_c.data_ptr(),
         *(_pointer(saved[name]) for name in names),
-        grad_v.data_ptr(),
+        grads["grad_v"].data_ptr(),
         grad_c.shape[0],
         grad_c.shape[1],
         *(_row_spec(spec) for spec in specs),
