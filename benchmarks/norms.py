@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -65,7 +66,8 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
 
 def time_steps(modules: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median ms of forward+backward per module, timed round-robin (one step of each module
-    per round) so that load from other processes falls on every module alike."""
+    per round, in a new random order each round) so that load from other processes, and the
+    state a module leaves in the caches, fall on every module alike."""
     grad = torch.randn_like(x)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
@@ -82,9 +84,12 @@ def time_steps(modules: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> 
         for _ in range(3):
             step(module)
     times: dict[str, list[float]] = {name: [] for name in modules}
+    order = list(modules)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, module in modules.items():
-            times[name].append(step(module))
+        shuffle(order)  # no module always runs right after the same neighbour
+        for name in order:
+            times[name].append(step(modules[name]))
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 

@@ -57,6 +57,13 @@ struct Geometry {
     return p;
   }
 
+  // The doubles box() needs: (len + 1) * inner for an axis, (len + 1) * kTile for the last.
+  int64_t prefix_size() const {
+    int64_t longest = 1;
+    for (int64_t len : dims) longest = std::max(longest, len);
+    return 2 * positions() + 8 * (longest + 1);
+  }
+
 };
 
 // In place: the box means along the middle axis of v viewed as (outer, len, inner), by running
@@ -88,13 +95,40 @@ void box_axis(T* v, int64_t outer, int64_t len, int64_t inner, const Window& w,
   }
 }
 
+// The box means (their transpose with adjoint) of rows first .. first + count - 1 (count <=
+// kTile) of `in` (rows, len) into `out`. The running sums advance along the rows with the
+// tile's rows side by side, so that they vectorize across rows; `prefix` holds
+// (len + 1) * kTile doubles.
+constexpr int64_t kTile = 8;
+
+template <typename T>
+void box_tile(const T* in, T* out, int64_t count, int64_t len, const Window& w,
+              const double* scale, bool adjoint, double* prefix) {
+  const int64_t lead = adjoint ? w.after : w.before;
+  const int64_t lag = adjoint ? w.before : w.after;
+  for (int64_t k = 0; k < kTile; ++k) prefix[k] = 0.0;
+  for (int64_t j = 0; j < len; ++j) {
+    const double factor = adjoint ? scale[j] : 1.0;
+    const double* before = prefix + j * kTile;
+    double* after = prefix + (j + 1) * kTile;
+    for (int64_t k = 0; k < kTile; ++k)
+      after[k] = before[k] + (k < count ? factor * static_cast<double>(in[k * len + j]) : 0.0);
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const double factor = adjoint ? 1.0 : scale[j];
+    const double* high = prefix + std::min(len, j + lag + 1) * kTile;
+    const double* low = prefix + std::max<int64_t>(0, j - lead) * kTile;
+    for (int64_t k = 0; k < count; ++k)
+      out[k * len + j] = static_cast<T>((high[k] - low[k]) * factor);
+  }
+}
+
 // In place: v <- A v (or A^T v with adjoint), A the box means of `windows` along every axis.
-// The last axis is box-filtered as the first axis of the transposed (len, rest) map, so that
-// its running sums too vectorize. `prefix` holds 2P + 1 doubles and `spare` P values.
+// The last axis goes row by row in tiles (box_tile), so that its running sums too vectorize.
+// `prefix` holds geo.prefix_size() doubles.
 template <typename T>
 void box(T* v, const Geometry& geo, const std::vector<Window>& windows,
-         const std::vector<std::vector<double>>& scales, bool adjoint, double* prefix,
-         T* spare) {
+         const std::vector<std::vector<double>>& scales, bool adjoint, double* prefix) {
   const int64_t p = geo.positions();
   int64_t outer = 1;
   for (size_t a = 0; a < geo.dims.size(); ++a) {
@@ -104,11 +138,9 @@ void box(T* v, const Geometry& geo, const std::vector<Window>& windows,
     if (inner > 1 || outer == 1) {
       box_axis(v, outer, len, inner, windows[a], scale, adjoint, prefix);
     } else {
-      for (int64_t o = 0; o < outer; ++o)
-        for (int64_t j = 0; j < len; ++j) spare[j * outer + o] = v[o * len + j];
-      box_axis(spare, 1, len, outer, windows[a], scale, adjoint, prefix);
-      for (int64_t o = 0; o < outer; ++o)
-        for (int64_t j = 0; j < len; ++j) v[o * len + j] = spare[j * outer + o];
+      for (int64_t first = 0; first < outer; first += kTile)
+        box_tile(v + first * len, v + first * len, std::min(kTile, outer - first), len,
+                 windows[a], scale, adjoint, prefix);
     }
     outer *= len;
   }
@@ -171,8 +203,7 @@ double forward(const T* x, T* y, T* q1, T* m, T* r, int64_t n, int64_t c, const 
 #pragma omp parallel num_threads(threads) reduction(+ : l1)
   {
     T* square = scratch<T>(0, p);
-    T* spare = scratch<T>(1, p);
-    double* prefix = scratch<double>(2, 2 * p + 1);
+    double* prefix = scratch<double>(2, geo.prefix_size());
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < n; ++s) {
       const T* xs = x + s * c * p;
@@ -186,12 +217,12 @@ double forward(const T* x, T* y, T* q1, T* m, T* r, int64_t n, int64_t c, const 
         a[j] *= inv;
         ms[j] = a[j];
       }
-      box(ms, geo, geo.sum, geo.sum_scale, false, prefix, spare);
+      box(ms, geo, geo.sum, geo.sum_scale, false, prefix);
       for (int64_t j = 0; j < p; ++j) {
         const T centre = a[j] - ms[j];
         b[j] = std::max(b[j] * inv - a[j] * a[j], T(0)) + centre * centre;
       }
-      box(b, geo, geo.sup, geo.sup_scale, false, prefix, spare);
+      box(b, geo, geo.sup, geo.sup_scale, false, prefix);
       for (int64_t j = 0; j < p; ++j) rs[j] = T(1) / std::sqrt(b[j] + tfloor);
       for (int64_t ch = 0; ch < c; ++ch) {
         const T* __restrict row = xs + ch * p;
@@ -227,8 +258,7 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
 #pragma omp parallel num_threads(threads) reduction(+ : grad_floor)
   {
     T* sums = scratch<T>(0, 3 * p);
-    T* spare = scratch<T>(1, p);
-    double* prefix = scratch<double>(2, 2 * p + 1);
+    double* prefix = scratch<double>(2, geo.prefix_size());
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < n; ++s) {
       std::fill(sums, sums + 3 * p, T(0));
@@ -254,13 +284,13 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
         floor_partial += static_cast<double>(mgx[j]);
       }
       grad_floor += floor_partial;
-      box(mgx, geo, geo.sup, geo.sup_scale, true, prefix, spare);
+      box(mgx, geo, geo.sup, geo.sup_scale, true, prefix);
       for (int64_t j = 0; j < p; ++j) {
         mgx[j] *= T(2) * inv;
         mg[j] = -tc * (rs[j] * mg[j] + mgx[j] * (q[j] - ms[j]));
         if (with_l1) mg[j] -= tcoef * msign[j];  // = c coef mean_c sign(x - m)
       }
-      box(mg, geo, geo.sum, geo.sum_scale, true, prefix, spare);
+      box(mg, geo, geo.sum, geo.sum_scale, true, prefix);
       for (int64_t j = 0; j < p; ++j) mg[j] = mg[j] * inv - ms[j] * mgx[j];
       for (int64_t ch = 0; ch < c; ++ch) {
         const T* __restrict grow = gs + ch * p;
@@ -273,34 +303,6 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
     }
   }
   return grad_floor;
-}
-
-// The box means (their transpose with adjoint) of rows first .. first + count - 1 (count <=
-// kTile) of `in` (rows, len) into `out`. The running sums advance along the rows with the
-// tile's rows side by side, so that they vectorize across rows; `prefix` holds
-// (len + 1) * kTile doubles.
-constexpr int64_t kTile = 8;
-
-template <typename T>
-void box_tile(const T* in, T* out, int64_t count, int64_t len, const Window& w,
-              const double* scale, bool adjoint, double* prefix) {
-  const int64_t lead = adjoint ? w.after : w.before;
-  const int64_t lag = adjoint ? w.before : w.after;
-  for (int64_t k = 0; k < kTile; ++k) prefix[k] = 0.0;
-  for (int64_t j = 0; j < len; ++j) {
-    const double factor = adjoint ? scale[j] : 1.0;
-    const double* before = prefix + j * kTile;
-    double* after = prefix + (j + 1) * kTile;
-    for (int64_t k = 0; k < kTile; ++k)
-      after[k] = before[k] + (k < count ? factor * static_cast<double>(in[k * len + j]) : 0.0);
-  }
-  for (int64_t j = 0; j < len; ++j) {
-    const double factor = adjoint ? 1.0 : scale[j];
-    const double* high = prefix + std::min(len, j + lag + 1) * kTile;
-    const double* low = prefix + std::max<int64_t>(0, j - lead) * kTile;
-    for (int64_t k = 0; k < count; ++k)
-      out[k * len + j] = static_cast<T>((high[k] - low[k]) * factor);
-  }
 }
 
 // out = the box means (their transpose with adjoint) of each row of `in` (rows, len), one
