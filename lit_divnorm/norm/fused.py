@@ -181,6 +181,7 @@ class LocalDivisiveNorm(torch.autograd.Function):
         grad_l1 = grad_l1 if ctx.with_l1 else None
         if ctx.path == "native":
             coef = None if grad_l1 is None else float(grad_l1) / x.numel()
+            coef = coef or None  # an L1 term outside the loss: skip its sign passes
             grad_x, floor_total = native.backward(grad_y, x, q1, m, r, *ctx.config, coef)
             grads = grad_x, grad_y.new_tensor(floor_total)
         elif ctx.path == "compiled":
