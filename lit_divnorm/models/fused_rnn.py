@@ -15,7 +15,10 @@ applying its own field means to the identity::
 With these, one time step of an LSTM is a handful of tensor operations on all four gates at once
 (the ``(N, 4H)`` pre-activation is viewed as ``(4N, H)``, one row per sample and gate), and its
 backward is written out by hand; autograd sees one node per layer instead of dozens per step.
-The layers in :mod:`lit_divnorm.models.rnn` use this path where it applies and fall back to the
+On the CPU (float32/float64, a C++ compiler at hand) everything of an LSTM step but the product
+``h W_h^T`` is one call into :mod:`lit_divnorm.norm.native` each way, and a local window's means
+are running sums (``S``, ``Q`` kept as ``(before, after, divisor)``) instead of the banded
+products. The layers in :mod:`lit_divnorm.models.rnn` use this path where it applies and fall back to the
 step-by-step loop over the norm modules otherwise (norms spanning the batch, learned ``sigma``
 or ``gamma, beta``, ``check_finite``, half precision or autocast).
 """
