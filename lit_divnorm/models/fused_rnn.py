@@ -18,9 +18,9 @@ backward is written out by hand; autograd sees one node per layer instead of doz
 On the CPU (float32/float64, a C++ compiler at hand) everything of an LSTM step but the product
 ``h W_h^T`` is one call into :mod:`lit_divnorm.norm.native` each way, and a local window's means
 are running sums (``S``, ``Q`` kept as ``(before, after, divisor)``) instead of the banded
-products. The layers in :mod:`lit_divnorm.models.rnn` use this path where it applies and fall back to the
-step-by-step loop over the norm modules otherwise (norms spanning the batch, learned ``sigma``
-or ``gamma, beta``, ``check_finite``, half precision or autocast).
+products. The layers in :mod:`lit_divnorm.models.rnn` use this path where it applies and fall
+back to the step-by-step loop over the norm modules otherwise (norms spanning the batch,
+learned ``sigma`` or ``gamma, beta``, ``check_finite``, half precision or autocast).
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class LocalDivisiveNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         x: Tensor,
-        floor: Tensor,
+        floor: float | Tensor,
         sum_windows: tuple[int, ...],
         sup_windows: tuple[int, ...],
         border: Border,
@@ -153,18 +153,22 @@ class LocalDivisiveNorm(torch.autograd.Function):
         config = (sum_windows, sup_windows, border, sup_divisors)
         path = _choose_path(x, compile_kernel)
         if path == "native":
-            y, q1, m, r, total = native.forward(x, float(floor), *config, with_l1)
+            y, stats, total = native.forward(x, float(floor), *config, with_l1)
             l1 = x.new_tensor(total / x.numel()) if with_l1 else None
-        elif path == "compiled":
-            sum_mats, sup_mats = _matrices(x, *config)
-            y, q1, m, r, l1 = _compiled("forward")(x, floor, sum_mats, sup_mats, with_l1)
+            ctx.save_for_backward(x, stats)
         else:
-            box_sum = functools.partial(box_means, windows=sum_windows, border=border)
-            box_sup = functools.partial(
-                box_means, windows=sup_windows, border=border, divisors=sup_divisors
-            )
-            y, q1, m, r, l1 = local_forward(x, floor, box_sum, box_sup, with_l1)
-        ctx.save_for_backward(x, q1, m, r)
+            if not isinstance(floor, Tensor):
+                floor = torch.tensor(floor, dtype=x.dtype, device=x.device)
+            if path == "compiled":
+                sum_mats, sup_mats = _matrices(x, *config)
+                y, q1, m, r, l1 = _compiled("forward")(x, floor, sum_mats, sup_mats, with_l1)
+            else:
+                box_sum = functools.partial(box_means, windows=sum_windows, border=border)
+                box_sup = functools.partial(
+                    box_means, windows=sup_windows, border=border, divisors=sup_divisors
+                )
+                y, q1, m, r, l1 = local_forward(x, floor, box_sum, box_sup, with_l1)
+            ctx.save_for_backward(x, q1, m, r)
         ctx.config = config
         ctx.path = path
         ctx.with_l1 = with_l1
@@ -176,15 +180,17 @@ class LocalDivisiveNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, grad_l1: Tensor) -> tuple[Tensor | None, ...]:
-        x, q1, m, r = ctx.saved_tensors
         sum_windows, sup_windows, border, sup_divisors = ctx.config
         grad_l1 = grad_l1 if ctx.with_l1 else None
         if ctx.path == "native":
+            x, stats = ctx.saved_tensors
             coef = None if grad_l1 is None else float(grad_l1) / x.numel()
             coef = coef or None  # an L1 term outside the loss: skip its sign passes
-            grad_x, floor_total = native.backward(grad_y, x, q1, m, r, *ctx.config, coef)
-            grads = grad_x, grad_y.new_tensor(floor_total)
-        elif ctx.path == "compiled":
+            grad_x, floor_total = native.backward(grad_y, x, stats, *ctx.config, coef)
+            floor_grad = grad_y.new_tensor(floor_total) if ctx.needs_input_grad[1] else None
+            return grad_x, floor_grad, None, None, None, None, None, None
+        x, q1, m, r = ctx.saved_tensors
+        if ctx.path == "compiled":
             sum_mats, sup_mats = _matrices(x, *ctx.config)
             transposed = ([mat.T for mat in sum_mats], [mat.T for mat in sup_mats])
             grads = _compiled("backward")(grad_y, grad_l1, x, q1, m, r, *transposed)
@@ -241,11 +247,11 @@ def local_divisive_norm(
 ) -> tuple[Tensor, Tensor]:
     """``(y, mean|x - m|)`` for ``x`` of shape ``(N, C, *P)`` (see the module docstring);
     the second output is ``0.`` unless ``with_l1``."""
-    if not isinstance(floor, Tensor):
-        floor = torch.tensor(floor, dtype=x.dtype, device=x.device)
+    if isinstance(floor, Tensor):
+        floor = floor.to(x.dtype)
     return LocalDivisiveNorm.apply(
         x,
-        floor.to(x.dtype),
+        floor,
         tuple(sum_windows),
         tuple(sup_windows),
         border,

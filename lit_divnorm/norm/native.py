@@ -169,26 +169,32 @@ def forward(
     border: Border,
     sup_divisors: tuple[int, ...] | None,
     with_l1: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-    """``(y, q1, m, r, sum|x - m|)`` (see :mod:`lit_divnorm.norm.fused`; the sum is ``0.``
-    unless ``with_l1``) for ``x`` of shape ``(N, C, *P)``; ``q1, m, r`` are ``(N, 1, *P)``."""
+) -> tuple[Tensor, Tensor, float]:
+    """``(y, stats, sum|x - m|)`` for ``x`` of shape ``(N, C, *P)`` (the sum is ``0.`` unless
+    ``with_l1``): ``stats`` ``(3, N, 1, *P)`` stacks the ``q1, m, r`` of
+    :mod:`lit_divnorm.norm.fused` (one tensor: one allocation, one saved tensor)."""
     x = x.contiguous()
     y = torch.empty_like(x)
-    q1, m, r = x.new_empty((3, x.shape[0], 1, *x.shape[2:])).unbind(0)  # one allocation
+    stats = x.new_empty((3, x.shape[0], 1, *x.shape[2:]))
     geometry = _geometry(tuple(x.shape[2:]), sum_windows, sup_windows, border, sup_divisors)
-    pointers = (t.data_ptr() for t in (x, y, q1, m, r))
     total = _function("dn_forward", x)(
-        *pointers, x.shape[0], x.shape[1], *geometry, floor, int(with_l1), torch.get_num_threads()
+        x.data_ptr(),
+        y.data_ptr(),
+        *_stat_pointers(stats),
+        x.shape[0],
+        x.shape[1],
+        *geometry,
+        floor,
+        int(with_l1),
+        torch.get_num_threads(),
     )
-    return y, q1, m, r, total
+    return y, stats, total
 
 
 def backward(
     grad_y: Tensor,
     x: Tensor,
-    q1: Tensor,
-    m: Tensor,
-    r: Tensor,
+    stats: Tensor,
     sum_windows: tuple[int, ...],
     sup_windows: tuple[int, ...],
     border: Border,
@@ -196,14 +202,16 @@ def backward(
     l1_coef: float | None,
 ) -> tuple[Tensor, float]:
     """``(dL/dx, dL/dfloor)`` from ``dL/dy`` and, unless ``l1_coef`` is ``None``, the L1
-    term ``l1_coef * sum|x - m|``; the saved ``q1, m, r`` are those of :func:`forward`."""
+    term ``l1_coef * sum|x - m|``; ``stats`` is that of :func:`forward`."""
     grad_y, x = grad_y.contiguous(), x.contiguous()
     grad_x = torch.empty_like(x)
     geometry = _geometry(tuple(x.shape[2:]), sum_windows, sup_windows, border, sup_divisors)
-    pointers = (t.data_ptr() for t in (grad_y, x, q1, m, r, grad_x))
     with_l1 = l1_coef is not None
     grad_floor = _function("dn_backward", x)(
-        *pointers,
+        grad_y.data_ptr(),
+        x.data_ptr(),
+        *_stat_pointers(stats),
+        grad_x.data_ptr(),
         x.shape[0],
         x.shape[1],
         *geometry,
@@ -214,7 +222,10 @@ def backward(
     return grad_x, grad_floor
 
 
-RowSpec = tuple[int, int, int, int]
+def _stat_pointers(stats: Tensor) -> tuple[int, int, int]:
+    """The addresses of ``q1, m, r`` in the contiguous ``(3, N, 1, *P)`` ``stats``."""
+    base, step = stats.data_ptr(), stats.numel() // 3 * stats.element_size()
+    return base, base + step, base + 2 * step
 
 
 @functools.lru_cache(maxsize=64)
@@ -240,6 +251,9 @@ def box_rows(u: Tensor, window: tuple[int, int, int], adjoint: bool = False) -> 
         torch.get_num_threads(),
     )
     return out
+
+
+RowSpec = tuple[int, int, int, int]
 
 
 @functools.lru_cache(maxsize=64)
