@@ -11,8 +11,8 @@ by ``DataLoader`` s (batch 100). Three loops train three copies of the same netw
   metric, logging and sparsity penalty, Lightning's hooks and optimizer closure;
 * ``bare loop``: next batch, ``model(x)``, cross-entropy plus ``sparsity_penalty``,
   ``zero_grad``, ``backward``, ``step``;
-* ``bare + metric``: the bare loop plus the accuracy update the task does, to tell the task's
-  own work from the framework's.
+* ``bare + metric``: the bare loop plus the batch accuracy the task computes, to tell the
+  task's own work from the framework's.
 
 This machine's speed drifts by tens of percent within seconds, so the loops run in lock-step:
 after every Lightning step a callback runs one step of each bare loop and times it; a
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from allocator import keep_freed_memory
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from lit_divnorm.norm.sparsity import sparsity_penalty
 from lit_divnorm.tasks.classification import ClassificationTask
@@ -64,7 +64,7 @@ class BareLoop:
     def __init__(self, norm: str, loader: DataLoader, with_metric: bool) -> None:
         task = make_task(norm)
         self.model, self.optimizer = task.model.train(), task.configure_optimizers()
-        self.metric = MulticlassAccuracy(10, average="micro") if with_metric else None
+        self.with_metric = with_metric
         self.batches: Iterator[tuple[Tensor, Tensor]] = iter(loader)
 
     def step(self) -> float:
@@ -73,8 +73,8 @@ class BareLoop:
         images, labels = next(self.batches)
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels) + sparsity_penalty(self.model)
-        if self.metric is not None:
-            self.metric(logits.detach(), labels)
+        if self.with_metric:  # the task's training accuracy
+            multiclass_accuracy(logits.detach(), labels, 10, average="micro")
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()

@@ -4,7 +4,10 @@
 
 Logs ``{stage}/loss`` and ``{stage}/acc`` (top-1) for ``stage`` in train, val, test, plus
 ``{stage}/acc_top5`` when there are at least 100 classes; the base class adds ``train/l1``
-(for a model with an L1 penalty) and every learned ``sigma/<layer>``.
+(for a model with an L1 penalty) and every learned ``sigma/<layer>``. Training accuracy is the
+batch's, logged per step and averaged over the epoch weighted by batch size (which is the
+epoch's micro accuracy, on each rank's own batches like ``train/loss``); validation and test
+accuracy are torchmetrics states gathered over every rank.
 
 The network is built from arguments (``arch="small_cnn"`` or ``"resnet"``) or passed in as
 an ``nn.Module``. ``norm`` switches the normalization of the whole built network, so from the
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from lit_divnorm.models.resnet import BlockKind, PreActResNet
 from lit_divnorm.models.small_cnn import SmallCNN
@@ -28,7 +32,7 @@ from lit_divnorm.norm import NormSpec
 from lit_divnorm.tasks.base import NormalizedTask, Stage, _default_optimizer
 
 ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet")
-STAGES: tuple[Stage, ...] = ("train", "val", "test")
+EVAL_STAGES: tuple[Stage, ...] = ("val", "test")
 
 
 def build_classifier(
@@ -113,7 +117,7 @@ class ClassificationTask(NormalizedTask):
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
-                for stage in STAGES
+                for stage in EVAL_STAGES
                 for k in self.top_k
             }
         )
@@ -126,12 +130,21 @@ class ClassificationTask(NormalizedTask):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        on_step = stage == "train"
         size = labels.shape[0]
         self.log_loss(stage, loss, size)
         for k in self.top_k:
-            metric = self.metrics[f"{stage}_top{k}"]
-            metric(logits.detach(), labels)
             name = f"{stage}/acc" if k == 1 else f"{stage}/acc_top{k}"
-            self.log(name, metric, on_step=on_step, on_epoch=True, batch_size=size, prog_bar=k == 1)
+            if stage == "train":  # a tensor: a Metric object costs Lightning a .to() per step
+                accuracy = multiclass_accuracy(
+                    logits.detach(), labels, self.num_classes, top_k=k, average="micro"
+                )
+                self.log(
+                    name, accuracy, on_step=True, on_epoch=True, batch_size=size, prog_bar=k == 1
+                )
+            else:
+                metric = self.metrics[f"{stage}_top{k}"]
+                metric.update(logits.detach(), labels)
+                self.log(
+                    name, metric, on_step=False, on_epoch=True, batch_size=size, prog_bar=k == 1
+                )
         return loss

@@ -77,10 +77,40 @@ def test_train_l1_is_logged_as_the_mean_penalty_for_models_with_one(norm, logged
         assert metrics["train/l1"].item() == pytest.approx(sum(penalties) / 2, rel=1e-5)
 
 
+def test_train_accuracy_of_the_epoch_is_the_micro_accuracy_over_uneven_batches():
+    """Batch accuracies weighted by batch size (2, 2, 1) give the epoch's correct / total."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4])
+    task = ClassificationTask(
+        arch="small_cnn",
+        num_classes=10,
+        dropout=0.0,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+    )
+    with torch.no_grad():  # make some but not all predictions right
+        task.model.classifier[-1].bias.copy_(torch.tensor([3.0, 3, 0, 0, 0, 0, 0, 0, 0, 0]))
+        predictions = task.model(images).argmax(1)
+    expected = (predictions == labels).float().mean().item()
+    assert 0 < expected < 1
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(task, DataLoader(TensorDataset(images, labels), batch_size=2))
+    assert trainer.callback_metrics["train/acc_epoch"].item() == pytest.approx(expected)
+
+
 def test_top5_for_100_classes_and_metric_names():
     task = ClassificationTask(num_classes=100)
     assert task.top_k == (1, 5)
-    assert set(task.metrics) == {f"{s}_top{k}" for s in ("train", "val", "test") for k in (1, 5)}
+    assert set(task.metrics) == {f"{s}_top{k}" for s in ("val", "test") for k in (1, 5)}
     assert ClassificationTask(num_classes=10).top_k == (1,)
 
 
