@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -133,5 +135,18 @@ def test_failed_build_leaves_nothing_and_falls_back(tmp_path, monkeypatch):
         want = ref_divisive_norm(x.numpy(), ref, ref, sigma=0.5, eps=0.0, border="valid")
         got = divisive_norm(x, field, field, sigma=0.5, eps=0.0)
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
+    finally:
+        native._library.cache_clear()
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    """LIT_DIVNORM_NATIVE=0: no library, no warning, the PyTorch passes."""
+    monkeypatch.setenv("LIT_DIVNORM_NATIVE", "0")
+    native._library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not native.available()
+            assert not native.applies(torch.zeros(2, 3, 4))
     finally:
         native._library.cache_clear()
