@@ -30,3 +30,17 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["native", "torch"])
+def native_or_torch(request, monkeypatch) -> str:
+    """Run a test with the C++ kernels of :mod:`lit_divnorm.norm.native` and without them
+    (their PyTorch counterparts), by name."""
+    from lit_divnorm.norm import native
+
+    if request.param == "native":
+        if not native.available():
+            pytest.skip("the C++ kernels could not be built here (no compiler)")
+    else:
+        monkeypatch.setattr(native, "applies", lambda x: False)
+    return request.param

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Trainer
 from torch import nn
 
 from lit_divnorm.cli import main
@@ -34,6 +35,17 @@ def _cli_args(config: str, data_dir, root, *extra: str) -> list[str]:
     ]
 
 
+def _one_epoch_trainer() -> Trainer:
+    return Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+
+
 def test_training_loss_is_cross_entropy_plus_l1_on_raw_preactivations():
     task = ClassificationTask(arch="small_cnn", num_classes=10, norm={"name": "baseline-l1"})
     convs = [block.conv for block in task.model.features]
@@ -53,7 +65,6 @@ def test_training_loss_is_cross_entropy_plus_l1_on_raw_preactivations():
 @pytest.mark.parametrize(("norm", "logged"), [("dn*", True), ("baseline-l1", True), ("dn", False)])
 def test_train_l1_is_logged_as_the_mean_penalty_for_models_with_one(norm, logged):
     """``train/l1`` (the epoch mean of the per-step penalty) only where a layer has l1 > 0."""
-    from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
@@ -61,14 +72,7 @@ def test_train_l1_is_logged_as_the_mean_penalty_for_models_with_one(norm, logged
     task = ClassificationTask(arch="small_cnn", num_classes=10, norm=norm)
     penalties = []
     task.log_sparsity = lambda p, log=task.log_sparsity: (penalties.append(p.item()), log(p))
-    trainer = Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = _one_epoch_trainer()
     trainer.fit(task, DataLoader(data, batch_size=2))
     metrics = trainer.callback_metrics
     assert ("train/l1" in metrics) == logged
@@ -79,7 +83,6 @@ def test_train_l1_is_logged_as_the_mean_penalty_for_models_with_one(norm, logged
 
 def test_train_accuracy_of_the_epoch_is_the_micro_accuracy_over_uneven_batches():
     """Batch accuracies weighted by batch size (2, 2, 1) give the epoch's correct / total."""
-    from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
@@ -95,14 +98,7 @@ def test_train_accuracy_of_the_epoch_is_the_micro_accuracy_over_uneven_batches()
         predictions = task.model(images).argmax(1)
     expected = (predictions == labels).float().mean().item()
     assert 0 < expected < 1
-    trainer = Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = _one_epoch_trainer()
     trainer.fit(task, DataLoader(TensorDataset(images, labels), batch_size=2))
     assert trainer.callback_metrics["train/acc_epoch"].item() == pytest.approx(expected)
 

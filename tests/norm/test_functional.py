@@ -7,21 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_divnorm.norm import Field, box, divisive_norm, native
+from lit_divnorm.norm import Field, box, divisive_norm
 from tests.norm.reference import RefField, ref_divisive_norm
 
 SIGMA, EPS = 0.3, 1e-6
 
 
-@pytest.fixture(autouse=True, params=["native", "torch"])
-def local_kernel(request, monkeypatch):
-    """Every test runs with the fused local kernel in C++ and with its PyTorch passes."""
-    if request.param == "native":
-        if not native.available():
-            pytest.skip("the C++ DN kernel could not be built here")
-    else:
-        monkeypatch.setattr(native, "applies", lambda x: False)
-    return request.param
+pytestmark = pytest.mark.usefixtures("native_or_torch")  # C++ kernel and PyTorch passes
 
 
 def _check(x: torch.Tensor, sum_field, sup_field, ref_sum, ref_sup, border="valid", sigma=SIGMA):

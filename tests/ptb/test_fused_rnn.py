@@ -44,22 +44,11 @@ def _run(layer: LSTMLayer | RNNLayer, x: Tensor, h0: Tensor, c0: Tensor) -> dict
     return result
 
 
-@pytest.fixture(params=["native", "torch"])
-def kernel(request, monkeypatch) -> str:
-    """The fused path with its C++ parts (LSTM steps, box means) and without them."""
-    if request.param == "native":
-        if not native.available():
-            pytest.skip("the C++ kernels could not be built here")
-    else:
-        monkeypatch.setattr(native, "applies", lambda x: False)
-    return request.param
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(("norm", "fast"), NORMS, ids=str)
 @pytest.mark.parametrize("cell", ["lstm", "tanh", "relu"])
 def test_fused_layer_equals_the_step_loop(
-    cell: str, norm: object, fast: bool, training: bool, kernel: str
+    cell: str, norm: object, fast: bool, training: bool, native_or_torch: str
 ) -> None:
     if cell == "lstm":
         fused = LSTMLayer(5, 6, norm=norm, layer_window=3, time_steps=2).double()
