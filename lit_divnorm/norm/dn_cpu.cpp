@@ -277,6 +277,7 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
         for (int64_t j = 0; j < p; ++j) msign[j] += sign_of(xrow[j] - ms[j]);
       }
       double floor_partial = 0.0;
+#pragma omp simd reduction(+ : floor_partial)
       for (int64_t j = 0; j < p; ++j) {
         mg[j] *= inv;
         const T r3 = rs[j] * rs[j] * rs[j];
