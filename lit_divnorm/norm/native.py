@@ -137,7 +137,7 @@ def available() -> bool:
 
 def applies(x: Tensor) -> bool:
     """Whether the C++ kernel handles ``x``: a float32/float64 CPU tensor, library built."""
-    return x.device.type == "cpu" and x.dtype in DTYPES and available()
+    return x.is_cpu and x.dtype in DTYPES and available()
 
 
 @functools.lru_cache(maxsize=256)
@@ -167,7 +167,12 @@ def _geometry(
 
 
 def _function(name: str, x: Tensor) -> Callable[..., float]:
-    return getattr(_library(), f"{name}_{DTYPES[x.dtype]}")
+    return _typed_function(name, x.dtype)
+
+
+@functools.cache
+def _typed_function(name: str, dtype: torch.dtype) -> Callable[..., float]:
+    return getattr(_library(), f"{name}_{DTYPES[dtype]}")
 
 
 def forward(
