@@ -8,7 +8,8 @@ For each of the paper's CIFAR shapes it prints the median time of ``forward + ba
 the memory the layer keeps for backward (bytes of the tensors autograd saves, de-duplicated by
 storage, the input included since every layer keeps it), each next to torch's
 ``BatchNorm2d``, ``GroupNorm(1, C)`` and a direct DN (channel mean, ``avg_pool2d`` box means,
-subtract, divide), with ratios against ``GroupNorm(1, C)`` from the same run.
+subtract, divide), with ratios against ``GroupNorm(1, C)`` from the same run; then DN with the
+15x15 window against the 5x5 one, timed together.
 """
 
 from __future__ import annotations
@@ -140,6 +141,27 @@ def main() -> None:
                 f"{name:<24}{ms:8.2f}{ms / base_ms:7.2f}{mem / 2**20:11.2f}"
                 f"{mem / max(base_mem, 1):7.2f}"
             )
+    window_cost([n for n in ("dn", "dn*") if n in args.names], args.repeats, device)
+
+
+def window_cost(names: list[str], repeats: int, device: torch.device) -> None:
+    """The 15x15 window against the 5x5 one, timed in the same round-robin (the shapes above
+    run one after the other, so a drift of the machine's speed would show as a window cost)."""
+    if not names:
+        return
+    n, c, h, w = SHAPES[0][:4]
+    x = torch.randn(n, c, h, w, device=device, requires_grad=True)
+    modules = {
+        f"{name} {window}": build_norm(name, c, layer_window=window).to(device)
+        for name in names
+        for window in (5, 15)
+    }
+    times = time_steps(modules, x, repeats)
+    print(f"\nwindow 15x15 against 5x5 at {n}x{c}x{h}x{w}, timed together")
+    print(f"{'norm':<24}{'ms 5x5':>8}{'ms 15x15':>10}{'ratio':>7}")
+    for name in names:
+        small, large = times[f"{name} 5"], times[f"{name} 15"]
+        print(f"{name:<24}{small:8.2f}{large:10.2f}{large / small:7.2f}")
 
 
 if __name__ == "__main__":
