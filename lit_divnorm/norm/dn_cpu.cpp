@@ -10,6 +10,9 @@
 // (the cost does not grow with the window). Each sample is one task: its statistics pass and
 // its output pass run back to back, so the second pass reads the sample's C x P values from
 // cache rather than memory. Tasks are spread with OpenMP (the libgomp torch has loaded).
+//
+// The same library holds the per-step work of the fused LSTM (lit_divnorm/models/fused_rnn.py):
+// the gate and cell norms over feature rows, the gates and the cell, forward and backward.
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +21,8 @@
 #include <vector>
 
 namespace {
+
+constexpr int64_t kTile = 8;  // rows whose running sums advance side by side (box_tile)
 
 // One axis's window: positions j - before .. j + after; divided by `divisor`, or by the
 // number of positions inside the axis when divisor is 0.
@@ -61,7 +66,7 @@ struct Geometry {
   int64_t prefix_size() const {
     int64_t longest = 1;
     for (int64_t len : dims) longest = std::max(longest, len);
-    return 2 * positions() + 8 * (longest + 1);
+    return 2 * positions() + kTile * (longest + 1);
   }
 
 };
@@ -99,8 +104,6 @@ void box_axis(T* v, int64_t outer, int64_t len, int64_t inner, const Window& w,
 // kTile) of `in` (rows, len) into `out`. The running sums advance along the rows with the
 // tile's rows side by side, so that they vectorize across rows; `prefix` holds
 // (len + 1) * kTile doubles.
-constexpr int64_t kTile = 8;
-
 template <typename T>
 void box_tile(const T* in, T* out, int64_t count, int64_t len, const Window& w,
               const double* scale, bool adjoint, double* prefix) {
