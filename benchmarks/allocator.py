@@ -11,6 +11,7 @@ allocator gives on a GPU.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 
@@ -31,3 +32,18 @@ def keep_freed_memory() -> bool:
     return bool(
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**30)
     )
+
+
+def add_flag(parser: argparse.ArgumentParser) -> None:
+    """``--os-malloc``: leave glibc's default behaviour (the benchmarks keep freed memory)."""
+    parser.add_argument(
+        "--os-malloc",
+        action="store_true",
+        help="leave glibc returning freed memory to the OS (page faults vary from run to run)",
+    )
+
+
+def apply_flag(args: argparse.Namespace) -> None:
+    """Keep freed memory unless ``--os-malloc``, and print which allocator the run used."""
+    steady = not args.os_malloc and keep_freed_memory()
+    print("allocator:", "freed memory kept (steady state)" if steady else "glibc default")

@@ -21,9 +21,9 @@ import statistics
 import time
 from collections.abc import Callable
 
+import allocator
 import torch
 import torch.nn.functional as F
-from allocator import keep_freed_memory
 from torch import nn
 
 from lit_divnorm.norm import build_norm, clear_sparsity, list_norms
@@ -110,14 +110,9 @@ def main() -> None:
     parser.add_argument(
         "--compiled", nargs="*", default=["dn", "dn*"], help="also time these with compile_kernel"
     )
-    parser.add_argument(
-        "--os-malloc",
-        action="store_true",
-        help="leave glibc returning freed memory to the OS (page faults vary from run to run)",
-    )
+    allocator.add_flag(parser)
     args = parser.parse_args()
-    steady = not args.os_malloc and keep_freed_memory()
-    print("allocator:", "freed memory kept (steady state)" if steady else "glibc default")
+    allocator.apply_flag(args)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, float32")
     print(f"median of {args.repeats} forward+backward; memory = bytes saved for backward")

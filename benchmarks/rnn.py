@@ -22,9 +22,9 @@ import statistics
 import time
 from collections.abc import Callable
 
+import allocator
 import torch
 import torch.nn.functional as F
-from allocator import keep_freed_memory
 from torch import Tensor, nn
 
 from lit_divnorm.models.rnn_lm import RNNLanguageModel
@@ -91,14 +91,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=5, help="consecutive steps per round")
     parser.add_argument("--cells", nargs="*", default=["lstm", "tanh", "relu"])
     parser.add_argument("--norms", nargs="*", default=["none", "ln*", "dn*"])
-    parser.add_argument(
-        "--os-malloc",
-        action="store_true",
-        help="leave glibc returning freed memory to the OS (page faults vary from run to run)",
-    )
+    allocator.add_flag(parser)
     args = parser.parse_args()
-    steady = not args.os_malloc and keep_freed_memory()
-    print("allocator:", "freed memory kept (steady state)" if steady else "glibc default")
+    allocator.apply_flag(args)
     torch.manual_seed(0)
     tokens = torch.randint(0, VOCAB, (BATCH, STEPS))
     targets = torch.randint(0, VOCAB, (BATCH, STEPS))

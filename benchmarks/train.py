@@ -31,10 +31,10 @@ import time
 import warnings
 from collections.abc import Iterator
 
+import allocator
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from allocator import keep_freed_memory
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -131,14 +131,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="timed steps")
     parser.add_argument("--norms", nargs="*", default=["none", "dn*"])
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument(
-        "--os-malloc",
-        action="store_true",
-        help="leave glibc returning freed memory to the OS (page faults vary from run to run)",
-    )
+    allocator.add_flag(parser)
     args = parser.parse_args()
-    steady = not args.os_malloc and keep_freed_memory()
-    print("allocator:", "freed memory kept (steady state)" if steady else "glibc default")
+    allocator.apply_flag(args)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
