@@ -376,12 +376,23 @@ class FusedLSTM(torch.autograd.Function):
             grad_a[t] = grad_v
             grad_c = grad_c * f
             grad_h = grad_v @ hidden_weight
-        if ctx.centered:  # the centring's adjoint for all steps at once
-            flat = grad_a.view(-1, hidden)
-            grad_a = (flat - gate_plan.mean_adjoint(flat, "center")).view(grad_a.shape)
-        flat = grad_a.view(steps * batch, four_h)
-        grad_weight = flat.T @ hs[:steps].reshape(steps * batch, hidden)
+        grad_a, grad_weight = _projection_grads(grad_a, hs, gate_plan, ctx.centered)
         return grad_a, grad_h, grad_c, grad_weight, None, None
+
+
+def _projection_grads(
+    grad_a: Tensor, hs: Tensor, plan: FeatureNormPlan, centered: bool
+) -> tuple[Tensor, Tensor]:
+    """From ``dL/da`` of the (centring-folded) pre-activations ``(T, N, G H)`` and the
+    states ``hs (T + 1, N, H)``: ``dL/d(projected)`` (the folded centring's adjoint applied
+    for all steps at once) and ``dL/d(hidden_weight)``."""
+    steps, batch, width = grad_a.shape
+    hidden = hs.shape[2]
+    if centered:
+        flat = grad_a.view(-1, hidden)
+        grad_a = (flat - plan.mean_adjoint(flat, "center")).view(grad_a.shape)
+    flat = grad_a.view(steps * batch, width)
+    return grad_a, flat.T @ hs[:steps].reshape(steps * batch, hidden)
 
 
 def fused_lstm(
@@ -456,11 +467,7 @@ class FusedRNN(torch.autograd.Function):
             grad_v = plan.scale_backward(grad_z, v, r, l1_coef)
             grad_a[t] = grad_v
             grad_h = grad_v @ hidden_weight
-        if ctx.centered:  # the centring's adjoint for all steps at once
-            flat = grad_a.view(-1, hidden)
-            grad_a = (flat - plan.mean_adjoint(flat, "center")).view(grad_a.shape)
-        flat = grad_a.view(steps * batch, hidden)
-        grad_weight = flat.T @ hs[:steps].reshape(steps * batch, hidden)
+        grad_a, grad_weight = _projection_grads(grad_a, hs, plan, ctx.centered)
         return grad_a, grad_h, grad_weight, None, None
 
 
