@@ -34,13 +34,13 @@ def _seed() -> None:
 
 @pytest.fixture(params=["native", "torch"])
 def native_or_torch(request, monkeypatch) -> str:
-    """Run a test with the C++ kernels of :mod:`lit_divnorm.norm.native` and without them
-    (their PyTorch counterparts), by name."""
-    from lit_divnorm.norm import native
+    """Run a test with the C++ kernels of :mod:`lit_divnorm.norm.kernels.cpu` and without them
+    (their eager PyTorch counterparts, the path CUDA tensors take), by name."""
+    from lit_divnorm.norm.kernels import cpu
 
     if request.param == "native":
-        if not native.available():
+        if not cpu.available():
             pytest.skip("the C++ kernels could not be built here (no compiler)")
     else:
-        monkeypatch.setattr(native, "applies", lambda x: False)
+        monkeypatch.setattr(cpu, "available", lambda: False)
     return request.param

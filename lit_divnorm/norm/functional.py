@@ -25,12 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_divnorm.norm.box import Border, box_mean
 from lit_divnorm.norm.fields import Field
-from lit_divnorm.norm.fused import local_divisive_norm
+from lit_divnorm.norm.kernels.box import Border, box_mean
+from lit_divnorm.norm.ops import (
+    channel_divisive_norm,
+    check_backend,
+    compute_dtype,
+    full_precision,
+    local_divisive_norm,
+    resolve_backend,
+)
 
 BORDERS: tuple[str, ...] = ("valid", "reference")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+DEFAULT_EPS = 1e-5
 
 
 def check_border(border: str) -> None:
@@ -145,7 +152,7 @@ def divisive_norm(
     sum_field: Field | None,
     sup_field: Field | None,
     sigma: float | Tensor = 0.0,
-    eps: float = 0.0,
+    eps: float = DEFAULT_EPS,
     border: Border = "valid",
     *,
     running_mean: Tensor | None = None,
@@ -156,7 +163,7 @@ def divisive_norm(
     bias: Tensor | None = None,
     return_l1: bool = False,
     fused: bool = True,
-    compile_kernel: bool = False,
+    backend: str = "auto",
     sync_batch: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The unified normalizer: ``y = (x - mean_A(x)) / sqrt(sigma^2 + eps + mean_B(v^2))``.
@@ -166,26 +173,31 @@ def divisive_norm(
         sum_field: summation field ``A``; ``None`` skips centering.
         sup_field: suppression field ``B``; ``None`` means mean subtraction only.
         sigma: smoothing term (``>= 0``; a float or a 0-d tensor, e.g. a learned one).
-        eps: numerical floor added under the square root.
+        eps: numerical floor added under the square root (positive by default, so that a
+            constant region gives a finite output even with ``sigma = 0``).
         border: ``"valid"`` or ``"reference"`` (see the module docstring).
         running_mean, running_var: ``(C,)`` buffers for a field that spans the batch, as in
             :func:`torch.nn.functional.batch_norm`. When ``training``, the batch statistics
             are used and the buffers move towards them by ``momentum`` (the variance
-            unbiased); otherwise the buffers replace the batch statistics.
+            unbiased); otherwise the buffers replace the batch statistics. They may have any
+            floating dtype (they are updated in their own).
         weight, bias: per-channel ``(C,)`` affine ``gamma``, ``beta`` applied to ``y``.
         return_l1: also return ``mean|v|`` with ``v = x - mean_A(x)`` (``x`` itself without a
             summation field): the activation the L1 sparsity penalty is taken on.
         fused: use a fused implementation where one applies (torch's batch/group norm
-            kernels for bn/ln/in/gn with a fixed sigma; :mod:`lit_divnorm.norm.fused` for
-            local fields over all channels); ``False`` evaluates the equations term by term.
-        compile_kernel: run the fused local kernel through ``torch.compile`` (faster after a
-            one-off compile per input shape).
+            kernels for bn/ln/in/gn with a fixed sigma; the operators of
+            :mod:`lit_divnorm.norm.ops` for local fields over all channels and for the
+            channel-window field); ``False`` evaluates the equations term by term.
+        backend: which kernels run the operators (:data:`lit_divnorm.norm.ops.BACKENDS`:
+            ``"auto"``, ``"native"``, ``"triton"``, ``"compile"``, ``"torch"``); a backend that
+            cannot run on ``x``'s device raises ``ValueError``.
         sync_batch: fields that span the batch span every rank's batch (see
             :func:`field_mean`); only matters under an initialized process group.
 
     Returns:
-        ``y`` with ``x``'s shape and dtype (float16/bfloat16 inputs are normalized in
-        float32 and cast back), or ``(y, mean|v|)`` with ``return_l1``.
+        ``y`` with ``x``'s shape and dtype, or ``(y, mean|v|)`` with ``return_l1``. Every
+        statistic is computed in float32 or better, whatever ``x``'s dtype and the autocast
+        state (float16/bfloat16 inputs are normalized in float32 and cast back).
     """
     check_input(x)
     check_border(border)
@@ -193,21 +205,61 @@ def divisive_norm(
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    dtype = x.dtype
-    if dtype in _LOW_PRECISION:
-        x = x.float()
+    resolve_backend(check_backend(backend), x)
+    dtype = compute_dtype(x.dtype)
+    if isinstance(sigma, Tensor):
+        sigma = sigma.to(dtype)
+    with full_precision(x.device.type):
+        if fused and _is_channel_local(sum_field) and _is_channel_local(sup_field):
+            y, l1 = _local_norm(x, sum_field, sup_field, sigma, eps, border, return_l1, backend)
+            y = _affine(y, weight, bias).to(x.dtype)
+            return (y, l1) if return_l1 else y
+        if fused and sum_field is None and _is_channel_window(sup_field):
+            floor = sigma * sigma + eps
+            width = sup_field.channel_window
+            y = channel_divisive_norm(x, width, floor, border, backend=backend)
+            y = _affine(y, weight, bias).to(x.dtype)
+            return (y, x.abs().mean(dtype=dtype)) if return_l1 else y
+        y, l1 = _full_precision_norm(
+            x.to(dtype), sum_field, sup_field, sigma, eps, border, running_mean, running_var,
+            training, momentum, weight, bias, return_l1, fused, sync_batch,
+        )  # fmt: skip
+    y = y.to(x.dtype)
+    return (y, l1) if return_l1 else y
+
+
+def _full_precision_norm(
+    x: Tensor,
+    sum_field: Field | None,
+    sup_field: Field | None,
+    sigma: float | Tensor,
+    eps: float,
+    border: Border,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    return_l1: bool,
+    fused: bool,
+    sync_batch: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The fields torch's own kernels cover, or the equations term by term, on ``x`` in its
+    compute dtype (parameters and running statistics are brought to it and written back)."""
+    weight = None if weight is None else weight.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    stats_in = (running_mean, running_var)
+    running_mean, running_var = (None if t is None else t.to(x.dtype) for t in stats_in)
     stats = (running_mean, running_var, training, momentum)
     y = l1 = None
-    if _is_channel_local(sum_field) and _is_channel_local(sup_field) and fused:
-        y, l1 = _local_norm(x, sum_field, sup_field, sigma, eps, border, return_l1, compile_kernel)
-        y = _affine(y, weight, bias)
-    elif fused and not (sync_batch and _spans_batch(sum_field, sup_field)):
+    if fused and not (sync_batch and _spans_batch(sum_field, sup_field)):
         y = _torch_norm(x, sum_field, sup_field, sigma, eps, weight, bias, *stats)
     if y is None:
         y, v = _direct_norm(x, sum_field, sup_field, sigma, eps, border, *stats, sync_batch)
         y = _affine(y, weight, bias)
         l1 = v.abs().mean() if return_l1 else None
-    elif return_l1 and l1 is None:
+    elif return_l1:
         v = x
         if sum_field is not None:
             mean = _batch_statistic(
@@ -215,8 +267,11 @@ def divisive_norm(
             )
             v = x - mean
         l1 = v.abs().mean()
-    y = y.to(dtype)
-    return (y, l1) if return_l1 else y
+    for original, used in zip(stats_in, (running_mean, running_var)):
+        if original is not None and used is not original:
+            with torch.no_grad():
+                original.copy_(used)
+    return y, l1
 
 
 def _spans_batch(*fields: Field | None) -> bool:
@@ -346,6 +401,15 @@ def _is_channel_local(field: Field | None) -> bool:
     return field is not None and field.is_local and not field.batch and field.channels == "all"
 
 
+def _is_channel_window(field: Field | None) -> bool:
+    return (
+        field is not None
+        and field.channels == "window"
+        and field.positions == "self"
+        and not field.batch
+    )
+
+
 def _local_norm(
     x: Tensor,
     sum_field: Field,
@@ -354,7 +418,7 @@ def _local_norm(
     eps: float,
     border: Border,
     with_l1: bool,
-    compile_kernel: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor | None]:
     features = x.ndim == 2
     if features:  # feature vectors: the C features are one row of positions
@@ -368,6 +432,6 @@ def _local_norm(
         border,
         suppression_divisor(sum_field, sup_field, border, num),
         with_l1,
-        compile_kernel,
+        backend,
     )
     return (y.squeeze(1) if features else y), (l1 if with_l1 else None)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lit_divnorm.norm.fields import Field, FieldSpec, Window, normalize_window, parse_field
 from lit_divnorm.norm.functional import Border, check_border, check_input, divisive_norm
+from lit_divnorm.norm.ops import check_backend
 from lit_divnorm.norm.sparsity import record_sparsity
 
 
@@ -54,8 +55,16 @@ class DivisiveNorm(nn.Module):
         sync_batch: fields that span the batch average over every rank's batch under an
             initialized process group (set by :class:`lit_divnorm.distributed.NormSync`,
             which ``--trainer.sync_batchnorm=true`` installs).
-        compile_kernel: run the fused DN kernel through ``torch.compile`` (a one-off compile
-            per input shape, then fewer passes over memory).
+        backend: the kernels of the local and channel-window fields
+            (:mod:`lit_divnorm.norm.ops`): ``"auto"`` (C++ on the CPU, eager PyTorch
+            elsewhere), ``"native"``, ``"triton"``, ``"compile"`` (``torch.compile`` of the
+            eager kernels) or ``"torch"``; a backend that cannot run on the input's device
+            raises ``ValueError``. Batch, layer, instance and group fields run torch's own
+            kernels under every backend.
+
+    Parameters and running statistics may be cast to float16/bfloat16 with the model
+    (``model.half()``): statistics are still computed in float32 and the output has the
+    input's dtype, under autocast too.
     """
 
     def __init__(
@@ -77,7 +86,7 @@ class DivisiveNorm(nn.Module):
         eps: float = 1e-5,
         check_finite: bool = False,
         sync_batch: bool = False,
-        compile_kernel: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int):
@@ -89,6 +98,7 @@ class DivisiveNorm(nn.Module):
         _check_number("eps", eps, low=0.0)
         _check_number("momentum", momentum, low=0.0, high=1.0)
         check_border(border)
+        check_backend(backend)
         if learn_sigma and sigma <= 0:
             raise ValueError(f"learn_sigma=True needs sigma > 0 to start from, got sigma={sigma}")
 
@@ -108,7 +118,7 @@ class DivisiveNorm(nn.Module):
         self.eps = float(eps)
         self.check_finite = check_finite
         self.sync_batch = sync_batch
-        self.compile_kernel = compile_kernel
+        self.backend = backend
         if learn_sigma:
             self.raw_sigma = nn.Parameter(torch.tensor(_inverse_softplus(float(sigma))))
         else:
@@ -166,7 +176,7 @@ class DivisiveNorm(nn.Module):
             weight=self.weight,
             bias=self.bias,
             return_l1=with_l1,
-            compile_kernel=self.compile_kernel,
+            backend=self.backend,
             sync_batch=self.sync_batch,
         )
         if not with_l1:
@@ -189,6 +199,7 @@ class DivisiveNorm(nn.Module):
             f"l1={self.l1}",
             f"border={self.border}",
             f"eps={self.eps}",
+            *([f"backend={self.backend!r}"] if self.backend != "auto" else []),
         ]
         if self.running_mean is not None or self.running_var is not None:
             parts.append(f"momentum={self.momentum}")

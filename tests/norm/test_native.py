@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from lit_divnorm.norm import Field, box, divisive_norm, native
-from lit_divnorm.norm.fused import local_divisive_norm
+from lit_divnorm.norm import Field, divisive_norm
+from lit_divnorm.norm.kernels import box, cpu
+from lit_divnorm.norm.ops import local_divisive_norm
 from tests.norm.reference import RefField, ref_divisive_norm
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler to build with")
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler to build with")
 
 
 def _local(window: tuple[int, ...]) -> tuple[Field, RefField]:
@@ -55,15 +56,13 @@ def test_native_gradcheck_with_l1_and_learned_floor(shape, window, border):
     assert torch.autograd.gradcheck(f, (x, floor))
 
 
-def test_float32_matches_the_pytorch_passes(monkeypatch):
+def test_float32_matches_the_pytorch_passes():
     """The C++ passes (float statistics, double box sums) against the PyTorch passes."""
     x = torch.randn(4, 16, 12, 12, requires_grad=True)
     grad = torch.randn_like(x)
     results = []
-    for use_native in (True, False):
-        if not use_native:
-            monkeypatch.setattr(native, "applies", lambda x: False)
-        y, l1 = local_divisive_norm(x, (5, 5), (5, 5), 0.25, with_l1=True)
+    for backend in ("native", "torch"):
+        y, l1 = local_divisive_norm(x, (5, 5), (5, 5), 0.25, with_l1=True, backend=backend)
         (x_grad,) = torch.autograd.grad((y * grad).sum() + 2 * l1, x)
         results.append((y, l1, x_grad))
     for got, want in zip(*results, strict=True):
@@ -109,44 +108,45 @@ def test_box_rows_equals_the_box_matrix_and_its_transpose(rows, width, border, d
     matrix = box.box_matrix(21, width, border, divisor, u.device, dtype)
     spec = ((width - 1) // 2, width // 2, count)
     tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
-    torch.testing.assert_close(native.box_rows(u, spec), u @ matrix.T, **tolerance)
-    torch.testing.assert_close(native.box_rows(u, spec, adjoint=True), u @ matrix, **tolerance)
+    torch.testing.assert_close(cpu.box_rows(u, spec), u @ matrix.T, **tolerance)
+    torch.testing.assert_close(cpu.box_rows(u, spec, adjoint=True), u @ matrix, **tolerance)
 
 
 def test_build_writes_the_library_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_DIVNORM_CACHE", str(tmp_path))
-    library = native._build(native._compiler())
+    library = cpu._build(cpu._compiler())
     assert library.parent == tmp_path and library.suffix == ".so"
-    assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no temporary left
-    assert native._build(native._compiler()) == library  # cached: not built again
+    left = [p.name for p in tmp_path.iterdir() if p.name != ".build.lock"]
+    assert left == [library.name]  # no temporary left
+    assert cpu._build(cpu._compiler()) == library  # cached: not built again
 
 
 def test_failed_build_leaves_nothing_and_falls_back(tmp_path, monkeypatch):
     """A compiler that fails: no file in the cache, one warning, and the PyTorch passes."""
     monkeypatch.setenv("LIT_DIVNORM_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # exits 1 without writing anything
-    native._library.cache_clear()
+    cpu._library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="C\\+\\+ DN kernel could not be built"):
-            assert not native.available()
-        assert list(tmp_path.iterdir()) == []
+            assert not cpu.available()
+        assert [p.name for p in tmp_path.iterdir()] in ([], [".build.lock"])
         x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
         field, ref = _local((3, 3))
         want = ref_divisive_norm(x.numpy(), ref, ref, sigma=0.5, eps=0.0, border="valid")
         got = divisive_norm(x, field, field, sigma=0.5, eps=0.0)
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
     finally:
-        native._library.cache_clear()
+        cpu._library.cache_clear()
 
 
 def test_switched_off_by_the_environment(monkeypatch):
     """LIT_DIVNORM_NATIVE=0: no library, no warning, the PyTorch passes."""
     monkeypatch.setenv("LIT_DIVNORM_NATIVE", "0")
-    native._library.cache_clear()
+    cpu._library.cache_clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert not native.available()
-            assert not native.applies(torch.zeros(2, 3, 4))
+            assert not cpu.available()
+            assert not cpu.applies(torch.zeros(2, 3, 4))
     finally:
-        native._library.cache_clear()
+        cpu._library.cache_clear()

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lit_divnorm.models.rnn import LSTMLayer, RNNLayer
-from lit_divnorm.norm import native
+from lit_divnorm.norm.kernels import cpu
 from lit_divnorm.norm.registry import list_norms
 from lit_divnorm.norm.sparsity import sparsity_penalty
 
@@ -78,7 +78,7 @@ def test_fused_layer_equals_the_step_loop(
 def test_float32_native_lstm_matches_the_step_loop(norm: str) -> None:
     """float32 at the PTB layer's proportions: the C++ steps (their polynomial exp) against
     the loop over torch's own sigmoid and tanh."""
-    if not native.available():
+    if not cpu.available():
         pytest.skip("the C++ kernels could not be built here")
     torch.manual_seed(0)
     fused = LSTMLayer(16, 40, norm=norm, layer_window=7)

@@ -1,20 +1,28 @@
-"""Fused divisive normalization on the CPU in C++ (``dn_cpu.cpp``), built on first use.
+"""The CPU kernels in C++ (``dn_cpu.cpp``), built on first use and loaded with ctypes.
 
-:func:`forward` and :func:`backward` compute what :func:`lit_divnorm.norm.fused.local_forward`
-and :func:`~lit_divnorm.norm.fused.local_backward` compute, for float32/float64 CPU tensors,
-with two passes over the ``(N, C, *P)`` tensors each way, the statistics and box means in
-between done per sample while its values are still in cache.
+:func:`forward` and :func:`backward` compute what
+:func:`lit_divnorm.norm.kernels.eager.local_forward` and its ``local_backward`` compute, for
+float32/float64 CPU tensors, with two passes over the ``(N, C, *P)`` tensors each way, the
+statistics and box means in between done per sample while its values are still in cache;
+:func:`channel_forward` and :func:`channel_backward` do the same for the channel-window field
+(local response normalization). The same library holds the fused LSTM's time steps.
 
 The library is compiled with the system's C++ compiler (``$CXX``, else ``g++``/``c++``) and
-OpenMP into ``$LIT_DIVNORM_CACHE`` (default ``~/.cache/lit_divnorm``), written under a
-temporary name and renamed, so an interrupted build never leaves a broken library. Without a
-compiler, :func:`available` is ``False`` (with one warning) and the fused kernel uses its
-PyTorch passes; ``LIT_DIVNORM_NATIVE=0`` turns the library off.
+OpenMP into ``$LIT_DIVNORM_CACHE`` (default ``~/.cache/lit_divnorm``). Its name hashes the
+source, the compiler and its version, the flags and the CPU's identity (what ``-march=native``
+depends on, on every architecture). The build runs under a file lock, so that processes
+starting together (DDP ranks) compile once and all load the result, within
+``$LIT_DIVNORM_BUILD_TIMEOUT`` seconds (default 300); it is written under a temporary name and
+renamed, so an interrupted build never leaves a broken library. Without a compiler,
+:func:`available` is ``False`` (with one warning) and the kernels use their PyTorch passes;
+``LIT_DIVNORM_NATIVE=0`` turns the library off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -22,14 +30,15 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lit_divnorm.norm.box import Border
+from lit_divnorm.norm.kernels.box import Border
 
 SOURCE = Path(__file__).with_name("dn_cpu.cpp")
 FLAGS = (
@@ -49,6 +58,8 @@ _SIGNATURES = {
     "dn_forward": (_DBL, [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_backward": (_DBL, [_PTR] * 6 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_box_rows": (None, [_PTR, _PTR, _I64, _I64, _PTR, _INT, _INT]),
+    "dn_channel_forward": (None, [_PTR, _PTR, _I64, _I64, _I64, _PTR, _DBL, _DBL, _DBL, _INT]),
+    "dn_channel_backward": (_DBL, [_PTR] * 3 + [_I64, _I64, _I64, _PTR, _DBL, _DBL, _DBL, _INT]),
     "dn_lstm_forward_step": (
         None,
         [_PTR, _I64] + [_PTR] * 7 + [_I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL, _PTR, _I64],
@@ -71,37 +82,101 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: the machine and its instruction-set flags."""
+# /proc/cpuinfo lines that differ between the cores of one machine, or over time
+_VOLATILE_CPU_KEYS = ("processor", "cpu mhz", "bogomips", "core id", "apicid", "initial apicid")
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the machine and its CPU description (x86's
+    ``flags`` and model, aarch64's ``Features`` and part numbers, ...), every distinct line of
+    ``/proc/cpuinfo`` but the per-core and per-moment ones."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next(line for line in lines if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    return platform.machine() + flags
+    except OSError:
+        lines = [platform.processor()]
+    kept = {
+        " ".join(line.split())
+        for line in lines
+        if line.strip() and line.split(":")[0].strip().lower() not in _VOLATILE_CPU_KEYS
+    }
+    return "\n".join([platform.machine(), *sorted(kept)])
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        result = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unknown ({error})"
+    return result.stdout
+
+
+def build_timeout() -> float:
+    value = os.environ.get("LIT_DIVNORM_BUILD_TIMEOUT", "300")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(
+            f"LIT_DIVNORM_BUILD_TIMEOUT must be a positive number of seconds, got {value!r}"
+        )
+    return seconds
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path, timeout: float) -> Iterator[None]:
+    """An exclusive lock on ``directory/.build.lock`` (waits up to ``timeout`` seconds)."""
+    with open(directory / ".build.lock", "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(
+                        f"timed out after {timeout:.0f} s waiting for another process to build "
+                        f"the C++ kernels in {directory}"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def library_path(compiler: str) -> Path:
+    """Where the library for this source, compiler, flags and CPU lives in the cache."""
+    parts = [SOURCE.read_text(), compiler, _compiler_version(compiler), *FLAGS, _cpu_identity()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    return cache_dir() / f"dn_cpu-{key}.so"
 
 
 def _build(compiler: str) -> Path:
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / f"dn_cpu-{key}.so"
+    target = library_path(compiler)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".dn_cpu-", suffix=".so")
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", partial],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    timeout = build_timeout()
+    with _build_lock(target.parent, timeout):
+        if target.exists():  # another process built it while this one waited
+            return target
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".dn_cpu-", suffix=".so")
+        os.close(fd)
+        try:
+            subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", partial],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return target
 
 
@@ -114,7 +189,7 @@ def _library() -> ctypes.CDLL | None:
         if compiler is None:
             raise OSError("no C++ compiler found (set $CXX, or install g++)")
         library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as error:
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(
             f"lit_divnorm: the C++ DN kernel could not be built ({detail}); using the slower "
@@ -186,7 +261,8 @@ def forward(
 ) -> tuple[Tensor, Tensor, float]:
     """``(y, stats, sum|x - m|)`` for ``x`` of shape ``(N, C, *P)`` (the sum is ``0.`` unless
     ``with_l1``): ``stats`` ``(3, N, 1, *P)`` stacks the ``q1, m, r`` of
-    :mod:`lit_divnorm.norm.fused` (one tensor: one allocation, one saved tensor)."""
+    :mod:`lit_divnorm.norm.kernels.eager` (one tensor: one allocation, one saved tensor)."""
+    layout = _memory_format(x)
     x = x.contiguous()
     y = torch.empty_like(x)
     stats = x.new_empty((3, x.shape[0], 1, *x.shape[2:]))
@@ -202,7 +278,7 @@ def forward(
         int(with_l1),
         torch.get_num_threads(),
     )
-    return y, stats, total
+    return y.contiguous(memory_format=layout), stats, total
 
 
 def backward(
@@ -217,6 +293,7 @@ def backward(
 ) -> tuple[Tensor, float]:
     """``(dL/dx, dL/dfloor)`` from ``dL/dy`` and, unless ``l1_coef`` is ``None``, the L1
     term ``l1_coef * sum|x - m|``; ``stats`` is that of :func:`forward`."""
+    layout = _memory_format(x)
     grad_y, x = grad_y.contiguous(), x.contiguous()
     grad_x = torch.empty_like(x)
     geometry = _geometry(tuple(x.shape[2:]), sum_windows, sup_windows, border, sup_divisors)
@@ -233,7 +310,66 @@ def backward(
         int(with_l1),
         torch.get_num_threads(),
     )
-    return grad_x, grad_floor
+    return grad_x.contiguous(memory_format=layout), grad_floor
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """``channels_last`` for such a 4-D input (the kernels' output keeps its layout)."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def channel_forward(
+    x: Tensor, window: tuple[int, int, int], floor: float, alpha: float, power: float
+) -> Tensor:
+    """``y = x (floor + alpha B_c(x^2))^(-power)`` for ``x`` ``(N, C, *P)``, ``B_c`` the box
+    mean over channels ``c - before .. c + after`` of ``window = (before, after, divisor)``
+    (divisor 0: the channels inside)."""
+    layout = _memory_format(x)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _function("dn_channel_forward", x)(
+        x.data_ptr(),
+        y.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        x[0, 0].numel(),
+        _window_spec(window),
+        floor,
+        alpha,
+        power,
+        torch.get_num_threads(),
+    )
+    return y.contiguous(memory_format=layout)
+
+
+def channel_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    window: tuple[int, int, int],
+    floor: float,
+    alpha: float,
+    power: float,
+) -> tuple[Tensor, float]:
+    """``(dL/dx, dL/dfloor)`` of :func:`channel_forward` from ``dL/dy``."""
+    layout = _memory_format(x)
+    grad_y, x = grad_y.contiguous(), x.contiguous()
+    grad_x = torch.empty_like(x)
+    grad_floor = _function("dn_channel_backward", x)(
+        grad_y.data_ptr(),
+        x.data_ptr(),
+        grad_x.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        x[0, 0].numel(),
+        _window_spec(window),
+        floor,
+        alpha,
+        power,
+        torch.get_num_threads(),
+    )
+    return grad_x.contiguous(memory_format=layout), grad_floor
 
 
 def _stat_pointers(stats: Tensor) -> tuple[int, int, int]:

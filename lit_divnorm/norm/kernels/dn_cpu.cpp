@@ -1,9 +1,12 @@
 // Fused divisive normalization over all channels and local positional windows, on the CPU.
 // Built and loaded by lit_divnorm/norm/native.py; the formulas are those of fused.py:
 //
-//   q1 = mean_c x, q2 = mean_c x^2                  (per sample and position)
-//   m  = A(q1),  e = B(q2 - q1^2 + (q1 - m)^2),  r = 1 / sqrt(e + floor)
+//   q1 = mean_c x, s2 = mean_c (x - q1)^2           (per sample and position)
+//   m  = A(q1),  e = B(s2 + (q1 - m)^2),  r = 1 / sqrt(e + floor)
 //   y  = (x - m) r
+//
+// The channel moments are taken about channel 0's value at each position (no cancellation
+// when the mean is large against the spread); so is mean_c g (x - m) in the backward.
 //
 // x, y, g and the input gradient are contiguous (N, C, P); q1, m and r are (N, P) with
 // P = prod(dims). A and B are box means along each positional axis, by running sums in double
@@ -149,10 +152,13 @@ void box(T* v, const Geometry& geo, const std::vector<Window>& windows,
   }
 }
 
-// a[j] = sum_c u[c, j] and b[j] = sum_c u[c, j] w[c, j] for the (c, p) rows u and w, streaming
-// four rows at a time (the accumulator rows stay in cache and are stored once per four rows).
+// a[j] = sum_c u[c, j] - su[j] and b[j] = sum_c (u[c, j] - su[j]) (w[c, j] - sw[j]) for the
+// (c, p) rows u, w and the shift rows su, sw, streaming four rows at a time (the accumulator
+// rows stay in cache and are stored once per four rows). Moments about a shift near the data
+// (a row of the sample itself) do not cancel when the mean is large against the spread.
 template <typename T>
-void paired_sums(const T* u, const T* w, int64_t c, int64_t p, T* __restrict a, T* __restrict b) {
+void paired_sums(const T* u, const T* w, const T* su, const T* sw, int64_t c, int64_t p,
+                 T* __restrict a, T* __restrict b) {
   std::fill(a, a + p, T(0));
   std::fill(b, b + p, T(0));
   int64_t ch = 0;
@@ -166,16 +172,19 @@ void paired_sums(const T* u, const T* w, int64_t c, int64_t p, T* __restrict a, 
     const T* __restrict w2 = w1 + p;
     const T* __restrict w3 = w2 + p;
     for (int64_t j = 0; j < p; ++j) {
-      a[j] += (u0[j] + u1[j]) + (u2[j] + u3[j]);
-      b[j] += (u0[j] * w0[j] + u1[j] * w1[j]) + (u2[j] * w2[j] + u3[j] * w3[j]);
+      const T s = su[j], t = sw[j];
+      const T d0 = u0[j] - s, d1 = u1[j] - s, d2 = u2[j] - s, d3 = u3[j] - s;
+      a[j] += (d0 + d1) + (d2 + d3);
+      b[j] += (d0 * (w0[j] - t) + d1 * (w1[j] - t)) + (d2 * (w2[j] - t) + d3 * (w3[j] - t));
     }
   }
   for (; ch < c; ++ch) {
     const T* __restrict urow = u + ch * p;
     const T* __restrict wrow = w + ch * p;
     for (int64_t j = 0; j < p; ++j) {
-      a[j] += urow[j];
-      b[j] += urow[j] * wrow[j];
+      const T d = urow[j] - su[j];
+      a[j] += d;
+      b[j] += d * (wrow[j] - sw[j]);
     }
   }
 }
@@ -184,7 +193,7 @@ void paired_sums(const T* u, const T* w, int64_t c, int64_t p, T* __restrict a, 
 // call to call (OpenMP reuses its threads) so that no step allocates.
 template <typename T>
 T* scratch(int slot, int64_t count) {
-  thread_local std::vector<T> buffers[3];
+  thread_local std::vector<T> buffers[4];
   std::vector<T>& buffer = buffers[slot];
   if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
   return buffer.data();
@@ -215,15 +224,17 @@ double forward(const T* x, T* y, T* q1, T* m, T* r, int64_t n, int64_t c, const 
       T* __restrict b = square;
       T* __restrict ms = m + s * p;
       T* __restrict rs = r + s * p;
-      paired_sums(xs, xs, c, p, a, b);
+      paired_sums(xs, xs, xs, xs, c, p, a, b);  // moments about channel 0's values
       for (int64_t j = 0; j < p; ++j) {
-        a[j] *= inv;
+        const T mean = a[j] * inv;
+        b[j] = std::max(b[j] * inv - mean * mean, T(0));  // the variance over channels
+        a[j] = xs[j] + mean;
         ms[j] = a[j];
       }
       box(ms, geo, geo.sum, geo.sum_scale, false, prefix);
       for (int64_t j = 0; j < p; ++j) {
         const T centre = a[j] - ms[j];
-        b[j] = std::max(b[j] * inv - a[j] * a[j], T(0)) + centre * centre;
+        b[j] += centre * centre;
       }
       box(b, geo, geo.sup, geo.sup_scale, false, prefix);
       for (int64_t j = 0; j < p; ++j) rs[j] = T(1) / std::sqrt(b[j] + tfloor);
@@ -261,6 +272,8 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
 #pragma omp parallel num_threads(threads) reduction(+ : grad_floor)
   {
     T* sums = scratch<T>(0, 3 * p);
+    T* zero = scratch<T>(3, p);
+    std::fill(zero, zero + p, T(0));
     double* prefix = scratch<double>(2, geo.prefix_size());
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < n; ++s) {
@@ -274,7 +287,7 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
       T* __restrict mg = sums;        // mean_c g, then dL/dm, then b
       T* __restrict mgx = mg + p;     // mean_c g x, then dL/de, then k
       T* __restrict msign = mgx + p;  // sum_c sign(x - m)
-      paired_sums(gs, xs, c, p, mg, mgx);
+      paired_sums(gs, xs, zero, xs, c, p, mg, mgx);  // sum_c g, sum_c g (x - x_0)
       for (int64_t ch = 0; with_l1 && ch < c; ++ch) {
         const T* __restrict xrow = xs + ch * p;
         for (int64_t j = 0; j < p; ++j) msign[j] += sign_of(xrow[j] - ms[j]);
@@ -284,7 +297,7 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
       for (int64_t j = 0; j < p; ++j) {
         mg[j] *= inv;
         const T r3 = rs[j] * rs[j] * rs[j];
-        mgx[j] = (mgx[j] * inv - ms[j] * mg[j]) * (T(-0.5) * tc * r3);
+        mgx[j] = (mgx[j] * inv + (xs[j] - ms[j]) * mg[j]) * (T(-0.5) * tc * r3);
         floor_partial += static_cast<double>(mgx[j]);
       }
       grad_floor += floor_partial;
@@ -295,12 +308,13 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
         if (with_l1) mg[j] -= tcoef * msign[j];  // = c coef mean_c sign(x - m)
       }
       box(mg, geo, geo.sum, geo.sum_scale, true, prefix);
-      for (int64_t j = 0; j < p; ++j) mg[j] = mg[j] * inv - ms[j] * mgx[j];
+      for (int64_t j = 0; j < p; ++j) mg[j] *= inv;
       for (int64_t ch = 0; ch < c; ++ch) {
         const T* __restrict grow = gs + ch * p;
         const T* __restrict xrow = xs + ch * p;
         T* __restrict out = gxs + ch * p;
-        for (int64_t j = 0; j < p; ++j) out[j] = grow[j] * rs[j] + mgx[j] * xrow[j] + mg[j];
+        for (int64_t j = 0; j < p; ++j)
+          out[j] = grow[j] * rs[j] + mgx[j] * (xrow[j] - ms[j]) + mg[j];
         if (with_l1)
           for (int64_t j = 0; j < p; ++j) out[j] += tcoef * sign_of(xrow[j] - ms[j]);
       }
@@ -321,6 +335,118 @@ void box_rows(const T* in, T* out, int64_t rows, int64_t len, const Window& w,
     box_tile(in + first * len, out + first * len, std::min(kTile, rows - first), len, w, scale,
              adjoint, scratch<double>(2, (len + 1) * kTile));
   }
+}
+
+// ---- The channel-window field (local response normalization) ----
+//
+//   d = floor + alpha B_c(x^2),  y = x d^(-power)
+//   dL/dx = g d^(-power) + 2 alpha x B_c^T(-power g x d^(-power-1))
+//
+// B_c is the box mean over a window of neighbouring channels at each position. Per sample, a
+// row of P doubles slides along the channels (add the channel entering the window, drop the one
+// leaving), so the cost does not grow with the window; the adjoint slides the other way over
+// values scaled by 1 / (window size).
+
+// Calls emit(j, acc) for each channel j with acc the sum over channels j - lead .. j + lag
+// (clipped) of the rows add(i, acc, sign) adds into acc (sign +1 or -1).
+template <typename Add, typename Emit>
+void slide_channels(int64_t c, int64_t p, int64_t lead, int64_t lag, double* acc, Add add,
+                    Emit emit) {
+  std::fill(acc, acc + p, 0.0);
+  for (int64_t i = 0; i <= std::min(lag, c - 1); ++i) add(i, acc, 1.0);
+  for (int64_t j = 0; j < c; ++j) {
+    emit(j, acc);
+    if (j + 1 + lag < c) add(j + 1 + lag, acc, 1.0);
+    if (j - lead >= 0) add(j - lead, acc, -1.0);
+  }
+}
+
+template <typename T>
+inline T negative_power(T d, T power) {
+  return power == T(0.5) ? T(1) / std::sqrt(d) : std::pow(d, -power);
+}
+
+template <typename T>
+void channel_forward(const T* x, T* y, int64_t n, int64_t c, int64_t p, const Window& w,
+                     double floor, double alpha, double power, int threads) {
+  const std::vector<double> scale = Geometry::scales(c, w);
+  const T tpow = static_cast<T>(power);
+#pragma omp parallel num_threads(threads)
+  {
+    double* acc = scratch<double>(2, p);
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < n; ++s) {
+      const T* xs = x + s * c * p;
+      T* ys = y + s * c * p;
+      auto add = [&](int64_t i, double* a, double sign) {
+        const T* __restrict row = xs + i * p;
+        for (int64_t k = 0; k < p; ++k) a[k] += sign * static_cast<double>(row[k] * row[k]);
+      };
+      auto emit = [&](int64_t j, const double* a) {
+        const double factor = alpha * scale[j];
+        const T* __restrict row = xs + j * p;
+        T* __restrict out = ys + j * p;
+        for (int64_t k = 0; k < p; ++k)
+          out[k] = row[k] * negative_power(static_cast<T>(floor + factor * a[k]), tpow);
+      };
+      slide_channels(c, p, w.before, w.after, acc, add, emit);
+    }
+  }
+}
+
+// Returns dL/dfloor.
+template <typename T>
+double channel_backward(const T* g, const T* x, T* grad_x, int64_t n, int64_t c, int64_t p,
+                        const Window& w, double floor, double alpha, double power, int threads) {
+  const std::vector<double> scale = Geometry::scales(c, w);
+  const T tpow = static_cast<T>(power);
+  double grad_floor = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : grad_floor)
+  {
+    double* acc = scratch<double>(2, p);
+    T* factor = scratch<T>(0, c * p);  // d^(-power)
+    T* inner = scratch<T>(1, c * p);   // -power g x d^(-power-1) / (window size)
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < n; ++s) {
+      const T* gs = g + s * c * p;
+      const T* xs = x + s * c * p;
+      T* gxs = grad_x + s * c * p;
+      auto add_square = [&](int64_t i, double* a, double sign) {
+        const T* __restrict row = xs + i * p;
+        for (int64_t k = 0; k < p; ++k) a[k] += sign * static_cast<double>(row[k] * row[k]);
+      };
+      auto emit_factor = [&](int64_t j, const double* a) {
+        const T* __restrict xrow = xs + j * p;
+        const T* __restrict grow = gs + j * p;
+        T* __restrict f = factor + j * p;
+        T* __restrict t = inner + j * p;
+        double partial = 0.0;
+        for (int64_t k = 0; k < p; ++k) {
+          const T d = static_cast<T>(floor + alpha * scale[j] * a[k]);
+          f[k] = negative_power(d, tpow);
+          const T term = -tpow * grow[k] * xrow[k] * f[k] / d;
+          partial += static_cast<double>(term);
+          t[k] = static_cast<T>(term * scale[j]);
+        }
+        grad_floor += partial;
+      };
+      slide_channels(c, p, w.before, w.after, acc, add_square, emit_factor);
+      auto add_inner = [&](int64_t i, double* a, double sign) {
+        const T* __restrict row = inner + i * p;
+        for (int64_t k = 0; k < p; ++k) a[k] += sign * static_cast<double>(row[k]);
+      };
+      auto emit_grad = [&](int64_t j, const double* a) {
+        const T* __restrict xrow = xs + j * p;
+        const T* __restrict grow = gs + j * p;
+        const T* __restrict f = factor + j * p;
+        T* __restrict out = gxs + j * p;
+        for (int64_t k = 0; k < p; ++k)
+          out[k] = grow[k] * f[k] + static_cast<T>(2.0 * alpha * a[k]) * xrow[k];
+      };
+      slide_channels(c, p, w.after, w.before, acc, add_inner, emit_grad);
+    }
+  }
+  return grad_floor;
 }
 
 // ---- LSTM time steps with feature-vector norms (lit_divnorm/models/fused_rnn.py) ----
@@ -569,6 +695,19 @@ void lstm_backward_step(const T* grad_h, const T* grad_out, T* grad_c, const T* 
                           hs, RowField(gate_sup, hs), RowField(cell_sum, hs),                   \
                           RowField(cell_sup, hs), static_cast<T>(gate_l1),                      \
                           static_cast<T>(cell_l1));                                             \
+  }                                                                                             \
+  extern "C" void dn_channel_forward_##S(const T* x, T* y, int64_t n, int64_t c, int64_t p,     \
+                                         const int64_t* window, double floor, double alpha,     \
+                                         double power, int threads) {                           \
+    channel_forward<T>(x, y, n, c, p, Window{window[0], window[1], window[2]}, floor, alpha,    \
+                       power, threads);                                                         \
+  }                                                                                             \
+  extern "C" double dn_channel_backward_##S(const T* g, const T* x, T* grad_x, int64_t n,       \
+                                            int64_t c, int64_t p, const int64_t* window,        \
+                                            double floor, double alpha, double power,           \
+                                            int threads) {                                      \
+    return channel_backward<T>(g, x, grad_x, n, c, p, Window{window[0], window[1], window[2]},  \
+                               floor, alpha, power, threads);                                   \
   }                                                                                             \
   extern "C" void dn_box_rows_##S(const T* in, T* out, int64_t rows, int64_t len,               \
                                   const int64_t* window, int adjoint, int threads) {           \

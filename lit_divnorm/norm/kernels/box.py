@@ -23,8 +23,35 @@ Border = Literal["valid", "reference"]
 MATRIX_MAX_LENGTH = 1024
 
 
-@functools.lru_cache(maxsize=256)
 def box_matrix(
+    length: int,
+    width: int,
+    border: Border,
+    divisor: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``(L, L)`` matrix ``M`` with ``(M @ x)[j]`` the box mean of ``x`` at ``j``: cached in
+    eager mode, built in the graph under ``torch.compile`` (see :func:`_cached_box_matrix`)."""
+    if torch.compiler.is_compiling():
+        return _build_box_matrix(length, width, border, divisor, device, dtype)
+    return _cached_box_matrix(length, width, border, divisor, device, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_box_matrix(
+    length: int,
+    width: int,
+    border: Border,
+    divisor: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    with torch.inference_mode(False):
+        return _build_box_matrix(length, width, border, divisor, device, dtype)
+
+
+def _build_box_matrix(
     length: int,
     width: int,
     border: Border,
@@ -37,23 +64,23 @@ def box_matrix(
     ``M[j, k] = 1 / n_j`` for ``k`` in the window of ``j``: ``n_j`` counts the positions inside
     (``"valid"``) or is ``divisor`` (default ``width``, ``"reference"``).
     """
-    with torch.inference_mode(False):
-        index = torch.arange(length)
-        offset = index[None, :] - index[:, None]
-        inside = ((offset >= -((width - 1) // 2)) & (offset <= width // 2)).double()
-        if border == "valid":
-            matrix = inside / inside.sum(dim=1, keepdim=True)
-        else:
-            matrix = inside / (width if divisor is None else divisor)
-        return matrix.to(device=device, dtype=dtype)
+    index = torch.arange(length)
+    offset = index[None, :] - index[:, None]
+    inside = ((offset >= -((width - 1) // 2)) & (offset <= width // 2)).double()
+    if border == "valid":
+        matrix = inside / inside.sum(dim=1, keepdim=True)
+    else:
+        matrix = inside / (width if divisor is None else divisor)
+    return matrix.to(device=device, dtype=dtype)
 
 
 def _running_box_sum(x: Tensor, dim: int, before: int, after: int) -> Tensor:
-    """Sums of ``x[j - before : j + after + 1]`` along ``dim`` (clipped) by running sums."""
+    """Sums of ``x[j - before : j + after + 1]`` along ``dim`` (clipped) by running sums (in
+    float64: a float32 running sum of large values loses the differences between them)."""
     low, high = _window_limits(x.shape[dim], before, after, x.device)
-    running = torch.cumsum(x, dim)
+    running = torch.cumsum(x, dim, dtype=torch.float64)
     running = torch.cat([torch.zeros_like(running.narrow(dim, 0, 1)), running], dim)
-    return running.index_select(dim, high) - running.index_select(dim, low)
+    return (running.index_select(dim, high) - running.index_select(dim, low)).to(x.dtype)
 
 
 def _window_limits(length: int, before: int, after: int, device: torch.device):

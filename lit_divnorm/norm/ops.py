@@ -1,0 +1,324 @@
+"""The norms' operators: ``torch.library`` custom ops, their autograd and the one dispatch.
+
+Two operators carry the fields that torch has no kernel for (see :mod:`lit_divnorm.norm.kernels`
+for the formulas):
+
+- ``lit_divnorm::local_dn``: divisive normalization over all channels and local positional
+  windows, ``(N, C, *P)`` maps and ``(N, 1, C)`` feature rows alike; outputs ``(y, stats, l1)``.
+- ``lit_divnorm::channel_dn``: the channel-window field (local response normalization),
+  ``y = x (floor + alpha B_c(x^2))^(-power)``.
+
+Each has a hand-written backward (its own operator), a fake kernel (so ``torch.compile`` traces
+through them with ``fullgraph=True``) and this dispatch, by ``backend`` and device:
+
+=========  ===============================================  ==============================
+backend    runs                                             where
+=========  ===============================================  ==============================
+auto       native on the CPU (when the C++ kernels build),  everywhere
+           triton on CUDA (when its kernels are there),
+           torch otherwise
+native     the C++ kernels (:mod:`.kernels.cpu`)            CPU tensors
+triton     Triton kernels                                   CUDA tensors (issue 14)
+compile    ``torch.compile`` of the eager kernels           everywhere
+torch      the eager kernels (:mod:`.kernels.eager`)        everywhere
+=========  ===============================================  ==============================
+
+Statistics are float32 for every input dtype and autocast state: float16/bfloat16 inputs are
+normalized in float32 (autocast off) and the output comes back in the input's dtype; float64
+stays float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from lit_divnorm.norm.kernels import cpu, eager
+
+BACKENDS: tuple[str, ...] = ("auto", "native", "triton", "compile", "torch")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` itself, or a ``ValueError`` naming it and the allowed values."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The backend that runs for ``x``: ``"auto"`` resolved, any other checked against ``x``'s
+    device (a ``ValueError`` naming the backend, the device and the allowed values)."""
+    check_backend(backend)
+    device = x.device.type
+    if backend == "auto":
+        return "native" if device == "cpu" and cpu.available() else "torch"
+    if backend == "native":
+        if device != "cpu":
+            raise ValueError(
+                f"backend='native' runs the C++ kernels on CPU tensors, got a tensor on "
+                f"{device!r}; of {BACKENDS}, 'auto', 'compile' and 'torch' run there"
+            )
+        if not cpu.available():
+            raise ValueError(
+                "backend='native' needs the C++ kernels, which could not be built here (see the "
+                "warning above, or LIT_DIVNORM_NATIVE=0 is set); use 'auto' or 'torch'"
+            )
+    if backend == "triton":
+        raise ValueError(
+            f"backend='triton' has no kernels in this version (input on {device!r}); use one of "
+            f"{tuple(b for b in BACKENDS if b != 'triton')}"
+        )
+    return backend
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: float32 for half precision, else ``dtype``."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+@contextlib.contextmanager
+def full_precision(device_type: str) -> Iterator[None]:
+    """Autocast off on ``device_type`` (so no product or mean inside is cast down)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield
+
+
+# ---- local DN: (N, C, *P) with local positional windows over all channels ----
+
+
+def _local_config(
+    sum_windows: list[int], sup_windows: list[int], border: str, sup_divisors: list[int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...], str, tuple[int, ...] | None]:
+    """The kernels' (hashable) geometry arguments."""
+    divisors = None if sup_divisors is None else tuple(sup_divisors)
+    return tuple(sum_windows), tuple(sup_windows), border, divisors
+
+
+@torch.library.custom_op("lit_divnorm::local_dn", mutates_args=())
+def local_dn(
+    x: Tensor,
+    floor: Tensor,
+    sum_windows: list[int],
+    sup_windows: list[int],
+    sup_divisors: list[int] | None,
+    border: str,
+    with_l1: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, stats, l1)``: ``y`` in ``x``'s dtype, ``stats`` ``(3, N, 1, *P)`` (``q1, m, r``)
+    and ``l1 = mean|x - m|`` (``0.`` unless ``with_l1``) in the compute dtype."""
+    name = resolve_backend(backend, x)
+    xc = x.to(compute_dtype(x.dtype))
+    config = _local_config(sum_windows, sup_windows, border, sup_divisors)
+    with full_precision(x.device.type):
+        if name == "native":
+            y, stats, total = cpu.forward(xc, float(floor), *config, with_l1)
+            l1 = torch.tensor(total / max(x.numel(), 1), dtype=xc.dtype)
+        else:
+            kernel = eager.compiled("local_forward") if name == "compile" else eager.local_forward
+            y, stats, l1 = kernel(xc, floor.to(xc.dtype), *config, with_l1)
+    return y.to(x.dtype), stats, l1
+
+
+@local_dn.register_fake
+def _(x, floor, sum_windows, sup_windows, sup_divisors, border, with_l1, backend):
+    dtype = compute_dtype(x.dtype)
+    stats = x.new_empty((3, x.shape[0], 1, *x.shape[2:]), dtype=dtype)
+    return torch.empty_like(x), stats, x.new_empty((), dtype=dtype)
+
+
+@torch.library.custom_op("lit_divnorm::local_dn_backward", mutates_args=())
+def local_dn_backward(
+    grad_y: Tensor,
+    grad_l1: Tensor,
+    x: Tensor,
+    stats: Tensor,
+    sum_windows: list[int],
+    sup_windows: list[int],
+    sup_divisors: list[int] | None,
+    border: str,
+    with_l1: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(dL/dx, dL/dfloor)`` of :func:`local_dn` (``dL/dx`` in ``x``'s dtype)."""
+    name = resolve_backend(backend, x)
+    dtype = stats.dtype
+    xc, gc = x.to(dtype), grad_y.to(dtype)
+    config = _local_config(sum_windows, sup_windows, border, sup_divisors)
+    coef = float(grad_l1) / max(x.numel(), 1) if with_l1 else 0.0
+    with full_precision(x.device.type):
+        if name == "native":
+            # an L1 term left out of the loss (coef 0): the kernel skips its sign passes
+            grad_x, total = cpu.backward(gc, xc, stats, *config, coef or None)
+            grad_floor = torch.tensor(total, dtype=dtype)
+        else:
+            kernel = eager.compiled("local_backward") if name == "compile" else eager.local_backward
+            l1_grad = grad_l1.to(dtype) if with_l1 and coef else None
+            grad_x, grad_floor = kernel(gc, l1_grad, xc, stats, *config)
+    return grad_x.to(x.dtype), grad_floor
+
+
+@local_dn_backward.register_fake
+def _(grad_y, grad_l1, x, stats, sum_windows, sup_windows, sup_divisors, border, with_l1, backend):
+    return torch.empty_like(x), stats.new_empty(())
+
+
+def _local_setup(ctx, inputs, output) -> None:
+    x, floor, sum_windows, sup_windows, sup_divisors, border, with_l1, backend = inputs
+    ctx.save_for_backward(x, output[1])
+    ctx.config = (sum_windows, sup_windows, sup_divisors, border, with_l1, backend)
+    ctx.floor_dtype = floor.dtype
+
+
+def _local_backward(ctx, grad_y, grad_stats, grad_l1):
+    x, stats = ctx.saved_tensors
+    grad_x, grad_floor = local_dn_backward(grad_y, grad_l1, x, stats, *ctx.config)
+    grad_floor = grad_floor.to(ctx.floor_dtype) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_floor, None, None, None, None, None, None
+
+
+local_dn.register_autograd(_local_backward, setup_context=_local_setup)
+
+
+def local_divisive_norm(
+    x: Tensor,
+    sum_windows: tuple[int, ...],
+    sup_windows: tuple[int, ...],
+    floor: float | Tensor,
+    border: str = "valid",
+    sup_divisors: tuple[int, ...] | None = None,
+    with_l1: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``(y, mean|x - m|)`` for ``x`` ``(N, C, *P)`` through ``lit_divnorm::local_dn``; the
+    second output is ``0.`` unless ``with_l1``. ``floor = sigma^2 + eps`` (a tensor when
+    learned)."""
+    if not isinstance(floor, Tensor):
+        floor = torch.tensor(float(floor), dtype=torch.float64)
+    divisors = None if sup_divisors is None else list(sup_divisors)
+    y, _, l1 = local_dn(
+        x, floor, list(sum_windows), list(sup_windows), divisors, border, with_l1, backend
+    )
+    return y, l1
+
+
+# ---- the channel-window field: y = x (floor + alpha B_c(x^2))^(-power) ----
+
+
+def _channel_window(width: int, border: str, divisor: int) -> tuple[int, int, int]:
+    """``(before, after, divisor)`` for the C++ kernel (divisor 0: the channels inside)."""
+    return ((width - 1) // 2, width // 2, divisor if border == "reference" else 0)
+
+
+@torch.library.custom_op("lit_divnorm::channel_dn", mutates_args=())
+def channel_dn(
+    x: Tensor,
+    floor: Tensor,
+    width: int,
+    border: str,
+    divisor: int,
+    alpha: float,
+    power: float,
+    backend: str,
+) -> Tensor:
+    """``x (floor + alpha B_c(x^2))^(-power)`` in ``x``'s dtype; ``B_c`` averages over
+    ``width`` channels, by the channels inside (``"valid"``) or ``divisor``
+    (``"reference"``)."""
+    name = resolve_backend(backend, x)
+    xc = x.to(compute_dtype(x.dtype))
+    with full_precision(x.device.type):
+        if name == "native":
+            window = _channel_window(width, border, divisor)
+            y = cpu.channel_forward(xc, window, float(floor), alpha, power)
+        else:
+            kernel = eager.channel_forward
+            if name == "compile":
+                kernel = eager.compiled("channel_forward")
+            y = kernel(xc, floor.to(xc.dtype), width, border, divisor, alpha, power)
+    return y.to(x.dtype)
+
+
+@channel_dn.register_fake
+def _(x, floor, width, border, divisor, alpha, power, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lit_divnorm::channel_dn_backward", mutates_args=())
+def channel_dn_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    floor: Tensor,
+    width: int,
+    border: str,
+    divisor: int,
+    alpha: float,
+    power: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(dL/dx, dL/dfloor)`` of :func:`channel_dn`."""
+    name = resolve_backend(backend, x)
+    dtype = compute_dtype(x.dtype)
+    xc, gc = x.to(dtype), grad_y.to(dtype)
+    with full_precision(x.device.type):
+        if name == "native":
+            window = _channel_window(width, border, divisor)
+            grad_x, total = cpu.channel_backward(gc, xc, window, float(floor), alpha, power)
+            grad_floor = torch.tensor(total, dtype=dtype)
+        else:
+            kernel = eager.channel_backward
+            if name == "compile":
+                kernel = eager.compiled("channel_backward")
+            floor = floor.to(dtype)
+            grad_x, grad_floor = kernel(gc, xc, floor, width, border, divisor, alpha, power)
+    return grad_x.to(x.dtype), grad_floor
+
+
+@channel_dn_backward.register_fake
+def _(grad_y, x, floor, width, border, divisor, alpha, power, backend):
+    return torch.empty_like(x), x.new_empty((), dtype=compute_dtype(x.dtype))
+
+
+def _channel_setup(ctx, inputs, output) -> None:
+    x, floor, *config = inputs
+    ctx.save_for_backward(x, floor)
+    ctx.config = config
+
+
+def _channel_backward(ctx, grad_y):
+    x, floor = ctx.saved_tensors
+    grad_x, grad_floor = channel_dn_backward(grad_y, x, floor, *ctx.config)
+    grad_floor = grad_floor.to(floor.dtype) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_floor, None, None, None, None, None, None
+
+
+channel_dn.register_autograd(_channel_backward, setup_context=_channel_setup)
+
+
+def channel_divisive_norm(
+    x: Tensor,
+    width: int,
+    floor: float | Tensor,
+    border: str = "valid",
+    divisor: int | None = None,
+    alpha: float = 1.0,
+    power: float = 0.5,
+    backend: str = "auto",
+) -> Tensor:
+    """``x (floor + alpha B_c(x^2))^(-power)`` for ``x`` ``(N, C, *P)`` through
+    ``lit_divnorm::channel_dn`` (``divisor`` replaces ``width`` in ``"reference"``'s
+    divisor)."""
+    if not math.isfinite(alpha) or not math.isfinite(power):
+        raise ValueError(f"alpha and power must be finite, got alpha={alpha}, power={power}")
+    if not isinstance(floor, Tensor):
+        floor = torch.tensor(float(floor), dtype=torch.float64)
+    maps = x.unsqueeze(-1) if x.ndim == 2 else x  # (N, C) features: one position each
+    y = channel_dn(maps, floor, width, border, divisor or width, alpha, power, backend)
+    return y.squeeze(-1) if x.ndim == 2 else y
