@@ -233,7 +233,10 @@ def native_lstm_specs(
 
 
 def can_run_fused(inputs: Tensor) -> bool:
-    """The fused path runs in float32/float64 outside autocast (half inputs use the loop)."""
+    """The fused path runs in float32/float64 outside autocast and torch.compile (half inputs
+    and compiled models use the loop over the norm modules)."""
+    if torch.compiler.is_compiling():  # torch.compile traces the step loop over the norms
+        return False
     return inputs.dtype in FAST_DTYPES and not torch.is_autocast_enabled(inputs.device.type)
 
 

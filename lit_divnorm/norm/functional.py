@@ -205,7 +205,9 @@ def divisive_norm(
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    resolve_backend(check_backend(backend), x)
+    check_backend(backend)
+    if not torch.compiler.is_compiling():  # the operators check the device when they run
+        resolve_backend(backend, x)
     dtype = compute_dtype(x.dtype)
     if isinstance(sigma, Tensor):
         sigma = sigma.to(dtype)
