@@ -7,8 +7,10 @@ For each of the paper's CIFAR shapes it prints the median time of ``forward + ba
 (timed round-robin across the norms, so load from other processes is shared fairly) and
 the memory the layer keeps for backward (bytes of the tensors autograd saves, de-duplicated by
 storage, the input included since every layer keeps it), each next to torch's
-``BatchNorm2d``, ``GroupNorm(1, C)`` and a direct DN (channel mean, ``avg_pool2d`` box means,
-subtract, divide), with ratios against ``GroupNorm(1, C)`` from the same run; then DN with the
+``BatchNorm2d``, ``GroupNorm(1, C)``, ``LocalResponseNorm(5)`` and a direct DN (channel mean,
+``avg_pool2d`` box means, subtract, divide), with ratios against ``GroupNorm(1, C)`` and
+against each norm's own torch counterpart (``x peer``: BatchNorm2d for the bn family,
+LocalResponseNorm for lrn, GroupNorm(1, C) for the rest) from the same run; then DN with the
 15x15 window against the 5x5 one, timed together.
 """
 
@@ -99,7 +101,18 @@ def peers(channels: int, window: int) -> dict[str, Callable[[], nn.Module]]:
         "torch BatchNorm2d": lambda: nn.BatchNorm2d(channels),
         "torch GroupNorm(1,C)": lambda: nn.GroupNorm(1, channels),
         "direct DN (avg_pool2d)": lambda: DirectDN(window),
+        "torch LocalResponseNorm(5)": lambda: nn.LocalResponseNorm(5, alpha=5.0, beta=0.5),
     }
+
+
+def counterpart(name: str) -> str:
+    """The torch layer a registry norm is held against: BatchNorm2d for the bn family,
+    LocalResponseNorm (same window, exponent 1/2) for lrn, GroupNorm(1, C) for the rest."""
+    if name.startswith("bn"):
+        return "torch BatchNorm2d"
+    if name.startswith("lrn"):
+        return "torch LocalResponseNorm(5)"
+    return "torch GroupNorm(1,C)"
 
 
 def main() -> None:
@@ -108,7 +121,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--names", nargs="*", default=[n for n in list_norms() if n != "gn"])
     parser.add_argument(
-        "--compiled", nargs="*", default=["dn", "dn*"], help="also time these with compile_kernel"
+        "--compiled",
+        nargs="*",
+        default=["dn", "dn*"],
+        help='also time these with backend="compile"',
     )
     allocator.add_flag(parser)
     args = parser.parse_args()
@@ -123,17 +139,18 @@ def main() -> None:
             factories[name] = functools.partial(build_norm, name, c, layer_window=window)
         for name in args.compiled:
             factories[f"{name} (compiled)"] = functools.partial(
-                build_norm, name, c, layer_window=window, compile_kernel=True
+                build_norm, name, c, layer_window=window, backend="compile"
             )
         modules = {name: make().to(device) for name, make in factories.items()}
         times = time_steps(modules, x, args.repeats)
         rows = {name: (times[name], saved_bytes(module, x)) for name, module in modules.items()}
         base_ms, base_mem = rows["torch GroupNorm(1,C)"]
         print(f"\nshape {n}x{c}x{h}x{w}, window {window}")
-        print(f"{'norm':<24}{'ms':>8}{'x GN':>7}{'MiB saved':>11}{'x GN':>7}")
+        print(f"{'norm':<28}{'ms':>8}{'x GN':>7}{'x peer':>8}{'MiB saved':>11}{'x GN':>7}")
         for name, (ms, mem) in rows.items():
+            peer_ms = rows[counterpart(name)][0] if name in args.names else ms
             print(
-                f"{name:<24}{ms:8.2f}{ms / base_ms:7.2f}{mem / 2**20:11.2f}"
+                f"{name:<28}{ms:8.2f}{ms / base_ms:7.2f}{ms / peer_ms:8.2f}{mem / 2**20:11.2f}"
                 f"{mem / max(base_mem, 1):7.2f}"
             )
     window_cost([n for n in ("dn", "dn*") if n in args.names], args.repeats, device)

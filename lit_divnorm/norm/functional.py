@@ -28,6 +28,7 @@ from torch import Tensor
 from lit_divnorm.norm.fields import Field
 from lit_divnorm.norm.kernels.box import Border, box_mean
 from lit_divnorm.norm.ops import (
+    centred_abs_mean,
     channel_divisive_norm,
     check_backend,
     compute_dtype,
@@ -255,20 +256,25 @@ def _full_precision_norm(
     running_mean, running_var = (None if t is None else t.to(x.dtype) for t in stats_in)
     stats = (running_mean, running_var, training, momentum)
     y = l1 = None
-    if fused and not (sync_batch and _spans_batch(sum_field, sup_field)):
+    if fused and sum_field is not None and sup_field is None:  # mean subtraction only
+        mean = _batch_statistic(
+            x, sum_field, border, None, running_mean, training, momentum, None, True, sync_batch
+        )
+        y = _centred_affine(x, mean, weight, bias)
+        l1 = centred_abs_mean(x, mean) if return_l1 else None
+    elif fused and not (sync_batch and _spans_batch(sum_field, sup_field)):
         y = _torch_norm(x, sum_field, sup_field, sigma, eps, weight, bias, *stats)
+        if y is not None and return_l1:
+            mean = None
+            if sum_field is not None:
+                mean = _batch_statistic(
+                    x, sum_field, border, None, running_mean, training, momentum, None, False
+                )
+            l1 = x.abs().mean() if mean is None else centred_abs_mean(x, mean)
     if y is None:
         y, v = _direct_norm(x, sum_field, sup_field, sigma, eps, border, *stats, sync_batch)
         y = _affine(y, weight, bias)
         l1 = v.abs().mean() if return_l1 else None
-    elif return_l1:
-        v = x
-        if sum_field is not None:
-            mean = _batch_statistic(
-                x, sum_field, border, None, running_mean, training, momentum, None, update=False
-            )
-            v = x - mean
-        l1 = v.abs().mean()
     for original, used in zip(stats_in, (running_mean, running_var)):
         if original is not None and used is not original:
             with torch.no_grad():
@@ -289,6 +295,16 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     if weight is not None:
         return y * weight.view(shape)
     return y + bias.view(shape)
+
+
+def _centred_affine(x: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``gamma (x - mean) + beta`` in one pass over ``x``: ``x gamma + (beta - mean gamma)``."""
+    if weight is None:
+        return _affine(x - mean, None, bias)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    gamma = weight.view(shape)
+    shift = -mean * gamma if bias is None else bias.view(shape) - mean * gamma
+    return torch.addcmul(shift, x, gamma)
 
 
 def _direct_norm(

@@ -210,6 +210,33 @@ def local_divisive_norm(
     return y, l1
 
 
+# ---- the L1 term of a centred activation: mean |x - mean| ----
+
+
+class CentredAbsMean(torch.autograd.Function):
+    """``mean |x - mean|`` for ``mean`` broadcasting to ``x``, saving only ``x`` and ``mean``
+    (which the norm saves anyway) instead of the full-size ``x - mean``::
+
+        dL/dx = g sign(x - mean) / numel,   dL/dmean = -sum (over the broadcast) of dL/dx
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mean: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, mean)
+        return torch.sub(x, mean).abs_().mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        grad_x = torch.sub(x, mean).sign_().mul_(grad / x.numel())
+        return grad_x, -grad_x.sum_to_size(mean.shape)
+
+
+def centred_abs_mean(x: Tensor, mean: Tensor) -> Tensor:
+    """``mean |x - mean|`` (the L1 sparsity term) with ``x``-sized memory for backward."""
+    return CentredAbsMean.apply(x, mean)
+
+
 # ---- the channel-window field: y = x (floor + alpha B_c(x^2))^(-power) ----
 
 

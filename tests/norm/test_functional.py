@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_divnorm.norm import Field, divisive_norm
+from lit_divnorm.norm import PRESETS, Field, divisive_norm
 from lit_divnorm.norm.kernels import box
 from tests.norm.reference import RefField, ref_divisive_norm, ref_field_mean
 
@@ -292,3 +292,42 @@ def test_every_backend_matches_the_loop(backend, native_or_torch):
         return out, penalty
 
     assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize(
+    ("sum_field", "sup_field", "dims"),
+    [
+        (PRESETS["batch"], PRESETS["batch"], (0, 2, 3)),  # bn*, bn-l1
+        (PRESETS["layer"], PRESETS["layer"], (1, 2, 3)),  # ln*, ln-l1
+        (PRESETS["batch"], None, (0, 2, 3)),  # bnms with an L1 weight
+        (PRESETS["layer"], None, (1, 2, 3)),  # lnms with an L1 weight
+    ],
+)
+def test_l1_term_of_torch_kernel_fields_and_its_gradient(sum_field, sup_field, dims):
+    """``mean|x - mean_A(x)|`` and its gradient (through the mean too) against the formula
+    written out in float64, while the output comes from torch's kernels or the centring."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(3, dtype=torch.float64) + 0.5
+    bias = torch.randn(3, dtype=torch.float64)
+    _, l1 = divisive_norm(x, sum_field, sup_field, 1.0, weight=weight, bias=bias, return_l1=True)
+    want = (x - x.mean(dim=dims, keepdim=True)).abs().mean()
+    torch.testing.assert_close(l1, want)
+    (got_grad,) = torch.autograd.grad(l1, x)
+    (want_grad,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("name", ["bnms", "lnms"])
+def test_mean_subtraction_only_equals_the_formula(name):
+    """bnms / lnms: ``gamma (x - mean) + beta`` by the one-pass centring, with gradients."""
+    from lit_divnorm.norm import build_norm
+
+    norm = build_norm(name, 3).double()
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    dims = (0, 2, 3) if name == "bnms" else (1, 2, 3)
+    want = (x - x.mean(dim=dims, keepdim=True)) * norm.weight.view(1, -1, 1, 1)
+    want = want + norm.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(norm(x), want)
+    assert torch.autograd.gradcheck(norm, (x,))
