@@ -148,9 +148,10 @@ def main() -> None:
         print(f"\nshape {n}x{c}x{h}x{w}, window {window}")
         print(f"{'norm':<28}{'ms':>8}{'x GN':>7}{'x peer':>8}{'MiB saved':>11}{'x GN':>7}")
         for name, (ms, mem) in rows.items():
-            peer_ms = rows[counterpart(name)][0] if name in args.names else ms
+            peer = counterpart(name.removesuffix(" (compiled)"))
+            ratio = f"{ms / rows[peer][0]:8.2f}" if not name.startswith("torch") else f"{'-':>8}"
             print(
-                f"{name:<28}{ms:8.2f}{ms / base_ms:7.2f}{ms / peer_ms:8.2f}{mem / 2**20:11.2f}"
+                f"{name:<28}{ms:8.2f}{ms / base_ms:7.2f}{ratio}{mem / 2**20:11.2f}"
                 f"{mem / max(base_mem, 1):7.2f}"
             )
     window_cost([n for n in ("dn", "dn*") if n in args.names], args.repeats, device)
