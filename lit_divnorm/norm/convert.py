@@ -36,10 +36,11 @@ sequence-first models.
 Same kind: when the new norm's fields are the layer's own (bn for BatchNorm, in for
 InstanceNorm, gn for GroupNorm, ln for LayerNorm), it takes over the layer's eps, momentum,
 groups, per-channel affine weights and running statistics (and the synchronization of a
-``SyncBatchNorm``), unless the spec sets them, so with ``sigma = 0`` the converted model
-computes the same function. In a LayerNorm's place the "layer" field spans what the LayerNorm
-spans: the channels at each position for ``LayerNorm(C)`` and ``LayerNorm2d`` (each token of
-a ViT, each pixel of a ConvNeXt), channels and positions for ``LayerNorm((C, *P))``.
+``SyncBatchNorm``, over all ranks), unless the spec sets them, so with ``sigma = 0`` the
+converted model computes the same function. In a LayerNorm's place the "layer" field spans
+what the LayerNorm spans: the channels at each position for ``LayerNorm(C)`` and
+``LayerNorm2d`` (each token of a ViT, each pixel of a ConvNeXt), channels and positions for
+``LayerNorm((C, *P))``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ from lit_divnorm.norm.layers import DivisiveNorm
 from lit_divnorm.norm.registry import NormSpec, _base_callable, build_norm, resolve_norm
 
 Layout = Literal["channels_first", "channels_last", "sequence_first"]
-LAYOUTS: tuple[str, ...] = ("channels_first", "channels_last", "sequence_first")
 Selector = str | type[nn.Module]
 
 PER_POSITION_LAYER = Field(channels="all", positions="self")
@@ -292,7 +292,7 @@ def _check_selectors(value: Any, name: str) -> tuple[Selector, ...]:
                 f"got {item!r} ({type(item).__name__})"
             )
     if not items:
-        raise ValueError(f"{name} is empty; pass None to {name} nothing")
+        raise ValueError(f"{name} is empty; pass None for no {name} filter")
     return items
 
 
@@ -547,7 +547,7 @@ def _carried_settings(
 ) -> dict[str, Any]:
     settings: dict[str, Any] = {"eps": float(source.eps)} if "eps" not in explicit else {}
     has_running = norm.running_mean is not None or norm.running_var is not None
-    if has_running and "momentum" not in explicit:
+    if has_running and source.running_mean is not None and "momentum" not in explicit:
         if source.momentum is None:
             raise ValueError(
                 "momentum=None (a cumulative average of the running statistics) has no "

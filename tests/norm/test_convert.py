@@ -123,6 +123,17 @@ def test_same_kind_computes_what_every_torch_norm_computes(training):
     assert converted.bn2d.weight.dtype == torch.float64 and converted.training == training
 
 
+def test_lightning_reverted_sync_batch_norm_converts_like_batch_norm():
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+
+    plugin = TorchSyncBatchNorm()
+    original = plugin.revert(plugin.apply(nn.Sequential(_randomize(nn.BatchNorm2d(4)))))
+    assert type(original[0]).__name__ == "_BatchNormXd"  # what a DDP fit leaves behind
+    converted = convert_norms(copy.deepcopy(original).eval(), "bn")
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(converted(x), original.eval()(x))
+
+
 def test_spec_settings_win_over_the_carried_ones():
     model = nn.Sequential(nn.BatchNorm2d(4, eps=1e-3, momentum=0.3), nn.GroupNorm(2, 4))
     convert_norms(model, {"name": "bn", "eps": 0.1}, include=nn.BatchNorm2d, momentum=0.5)
