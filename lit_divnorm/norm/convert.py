@@ -9,7 +9,9 @@ Which layers: exactly ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``InstanceNorm1d
 ``_BatchNormXd`` (what ``sync_batchnorm`` reverts to), plus any class given a handler with
 :func:`register_norm_handler`. Any other subclass of a torch norm (a norm + activation layer,
 torchvision's ``FrozenBatchNorm2d``) is refused with an error naming it, never changed
-silently: exclude it, or register a handler that says what it computes.
+silently: exclude it, or register a handler that says what it computes. So are the norms
+of torch's ``nn.TransformerEncoderLayer``, whose fused eval fast path reads them as
+LayerNorms.
 
 Layout: the new norm sees the tensor as ``(N, C, *positions)``, so a local window runs over
 the positions the tensor really has:
@@ -17,7 +19,8 @@ the positions the tensor really has:
 ====================================  =====================  ==============================
 layer                                 input                  the new norm's positions
 ====================================  =====================  ==============================
-BatchNorm, InstanceNorm, GroupNorm    ``(N, C, *P)``         ``P`` (none for ``(N, C)``)
+BatchNorm, InstanceNorm, GroupNorm    ``(N, C, *P)``         ``P`` (``(N, C)``: a window
+                                                             reads the C features as a row)
 LayerNorm2d (torchvision ConvNeXt)    ``(N, C, H, W)``       ``H, W``
 ``LayerNorm(C)``                      ``(N, *P, C)``         ``P``: the ``L`` tokens of
                                                              ``(N, L, C)``, ``H, W`` of a
@@ -29,8 +32,9 @@ Transformer layers
 
 The rule reads only the module: a one-dimensional ``normalized_shape`` normalizes the last
 dimension, which :class:`LayoutAdapter` moves to dim 1 and back (any rank: features, tokens,
-channels-last maps); its parent tells whether it sits in a sequence-first
-``nn.TransformerEncoderLayer``/``DecoderLayer``; ``layout="sequence_first"`` says so for other
+channels-last maps); its parent tells whether it sits in a sequence-first torch
+``nn.TransformerDecoderLayer`` or is the final norm of a sequence-first
+``nn.TransformerEncoder``/``Decoder``; ``layout="sequence_first"`` says so for other
 sequence-first models.
 
 Same kind: when the new norm's fields are the layer's own (bn for BatchNorm, in for
