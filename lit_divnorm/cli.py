@@ -35,7 +35,9 @@ class DivNormCLI(LightningCLI):
     """LightningCLI with the project's defaults (subclass mode for models and data).
 
     ``--trainer.sync_batchnorm=true`` synchronizes the batch statistics of the project's own
-    norms too (:class:`~lit_divnorm.distributed.NormSync`), not only torch's BatchNorm.
+    norms too (:class:`~lit_divnorm.distributed.NormSync`), not only torch's BatchNorm, for
+    any LightningModule (the project's tasks, which would install it themselves, then find it
+    in place and leave it).
     Checkpoints are written atomically and read weights-only
     (:class:`~lit_divnorm.checkpoint.AtomicCheckpointIO`) unless a ``CheckpointIO`` plugin
     is given.

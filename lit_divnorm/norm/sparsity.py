@@ -9,6 +9,12 @@ sum of these records since the last call of :func:`sparsity_penalty`::
 
 A layer called several times per forward (a normalized RNN cell, once per time step) adds one
 term per call, so the penalty sums over time steps like the summed cross-entropy.
+
+The records are tensors of the current step's autograd graph, kept in a
+:class:`SparsityRecords` list in the layer's ``__dict__``. A copy of the layer
+(``copy.deepcopy``, ``pickle``/``torch.save`` of the module, the copy that
+``torch.optim.swa_utils.AveragedModel`` and EMA callbacks make) starts with no records: the
+terms belong to the original's pending step, whose penalty they still add to.
 """
 
 from __future__ import annotations
@@ -19,11 +25,27 @@ from torch import Tensor, nn
 SPARSITY_TERMS = "sparsity_terms"
 
 
+class SparsityRecords(list):
+    """One layer's recorded terms (0-d tensors of the current step's graph).
+
+    Copies and pickles as an empty list: graph tensors cannot be deep-copied, and a copy of a
+    layer has no pending step of its own.
+    """
+
+    def __deepcopy__(self, memo: dict) -> SparsityRecords:
+        return type(self)()
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return type(self), ()
+
+
 def record_sparsity(module: nn.Module, mean_abs: Tensor, weight: float) -> None:
     """Append ``weight * mean_abs`` (a layer's ``mean|v|``) to ``module.sparsity_terms`` when
     training."""
     if weight > 0 and module.training:
-        terms = module.__dict__.setdefault(SPARSITY_TERMS, [])
+        terms = module.__dict__.get(SPARSITY_TERMS)
+        if terms is None:
+            terms = module.__dict__[SPARSITY_TERMS] = SparsityRecords()
         terms.append(weight * mean_abs)
 
 

@@ -5,7 +5,11 @@
 * logging of the L1 term and of every learned ``sigma``;
 * the optimizer and LR schedule injected from the CLI (``OptimizerCallable`` /
   ``LRSchedulerCallable``), with the schedule stepped per iteration by default, since the
-  paper counts its step boundaries in iterations.
+  paper counts its step boundaries in iterations;
+* under ``Trainer(sync_batchnorm=True)``, with or without the CLI, the batch fields of the
+  model's own norms are synchronized over the ranks too (``setup`` installs
+  :class:`~lit_divnorm.distributed.NormSync`; a subclass that overrides ``setup`` calls
+  ``super().setup(stage)``).
 
 Subclasses implement ``_shared_step(batch, stage)`` returning the task loss; the base class
 adds the penalty in training and logs it.
@@ -22,6 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lit_divnorm.checkpoint import check_compatible
+from lit_divnorm.distributed import use_norm_sync
 from lit_divnorm.norm.layers import DivisiveNorm
 from lit_divnorm.norm.sparsity import clear_sparsity, records_sparsity, sparsity_penalty
 
@@ -59,6 +64,13 @@ class NormalizedTask(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
+
+    def setup(self, stage: str) -> None:
+        """Make ``Trainer(sync_batchnorm=True)`` synchronize the batch statistics of the
+        model's ``DivisiveNorm`` layers, not only torch's BatchNorm (see
+        :func:`~lit_divnorm.distributed.use_norm_sync`)."""
+        if self._trainer is not None:
+            use_norm_sync(self._trainer)
 
     def _shared_step(self, batch: Any, stage: Stage) -> Tensor:
         """Compute and log the task loss of one batch (without the sparsity penalty)."""

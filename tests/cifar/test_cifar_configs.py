@@ -1,7 +1,8 @@
 """Every CIFAR config runs ``fit --trainer.fast_dev_run=true`` and builds the paper's model.
 
 The expected settings below are copied from the paper (PAPER.md section 2, Table 3) and the
-released code's ResNet configs, not from the YAML files, so a wrong config fails here.
+released code's ResNet configs, not from the YAML files, so a wrong config fails here; the
+torchvision rows reuse the released code's ResNet-32 DN* settings.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torchvision
 import yaml
 from torch import nn
 
@@ -46,8 +48,15 @@ RESNET_ROWS = {
     "resnet32_dn": ("local", (0.5, 2.0), True, (0, 0), False, 0.1),
     "resnet32_dn_star": ("local", (0.5, 2.0), True, (1e-3, 1e-2), False, 0.1),
 }
+# torchvision models with converted norms (not paper rows; the ResNet-32 DN* settings):
+# (arch, number of norm layers, field, sigma C10/C100, learned, l1 C10/C100, affine, window)
+TORCHVISION_ROWS = {
+    "resnet18_dn_star": ("resnet18", 20, "local", (0.5, 2.0), True, (1e-3, 1e-2), False, 3),
+}
 DATASETS = ("cifar10", "cifar100")
-CONFIGS = [f"{ds}/{name}" for ds in DATASETS for name in (*PAPER_ROWS, *RESNET_ROWS)]
+CONFIGS = [
+    f"{ds}/{name}" for ds in DATASETS for name in (*PAPER_ROWS, *RESNET_ROWS, *TORCHVISION_ROWS)
+]
 
 
 def test_config_folders_hold_exactly_the_expected_files():
@@ -128,6 +137,19 @@ def test_config_runs_fast_dev_run_and_builds_the_paper_model(config, fixture_dir
     norms = [
         m for m in model.modules() if isinstance(m, DivisiveNorm) or "Identity" in type(m).__name__
     ]
+    if name in TORCHVISION_ROWS:
+        arch, count, kind, sigma, learned, l1, affine, window = TORCHVISION_ROWS[name]
+        assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == num_classes
+        assert config_ns["model"]["init_args"]["arch"] == f"torchvision:{arch}"
+        assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+        assert len(norms) == count
+        _check_norms(norms, kind, sigma[index], learned, l1[index], affine, [window] * count)
+        assert optimizer["lr"] == pytest.approx(0.1)
+        assert optimizer["weight_decay"] == pytest.approx(2e-4)
+        assert milestones == [40000, 60000]
+        assert config_ns["trainer"]["max_steps"] == 80000
+        assert cli.datamodule.preprocessing == "resnet"
+        return
     if name in PAPER_ROWS:
         kind, sigma, l1, affine, baseline = PAPER_ROWS[name]
         assert model.classifier[-1].out_features == num_classes

@@ -200,3 +200,27 @@ def test_checkpoint_test_reproduces_logged_accuracy(tmp_path):
     restored = ClassificationTask.load_from_checkpoint(checkpoint).eval()
     for name, value in restored.state_dict().items():
         assert torch.equal(value, state[name])
+
+
+def test_torchvision_arch_by_name_converts_its_norms_or_keeps_them():
+    import torchvision
+
+    task = ClassificationTask(arch="torchvision:resnet18", num_classes=100, norm="dn*")
+    assert isinstance(task.model, torchvision.models.ResNet)
+    assert task.model.fc.out_features == 100
+    kinds = {type(m) for m in task.model.modules()}
+    assert DivisiveNorm in kinds and nn.BatchNorm2d not in kinds
+    assert task.hparams.arch == "torchvision:resnet18"
+    loss = task.training_step((torch.randn(2, 3, 32, 32), torch.tensor([3, 99])), 0)
+    assert torch.isfinite(loss)
+    kept = ClassificationTask(arch="torchvision:resnet18", num_classes=10)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in kept.model.modules()) == 20
+
+
+def test_torchvision_arch_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"'resnet_18' is not a torchvision .*resnet18"):
+        ClassificationTask(arch="torchvision:resnet_18")
+    with pytest.raises(ValueError, match=r"layer_window apply to arch 'small_cnn'/'resnet' only"):
+        ClassificationTask(arch="torchvision:resnet18", layer_window=[3, 3, 3])
+    with pytest.raises(ValueError, match=r"arch must be one of .*'torchvision:<model name>'"):
+        ClassificationTask(arch="resnet18")

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lit_divnorm.norm import build_norm
+from lit_divnorm.norm import build_norm, sparsity_penalty
 
 
 class PauseAt(Callback):
@@ -97,6 +98,33 @@ class RecordRank(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def reference_model(state: dict) -> MixedNormNet:
+    """A :class:`MixedNormNet` with a task's weights (``state`` keys ``model.*``)."""
+    model = MixedNormNet()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return model
+
+
+def assert_first_step_equals_one_process(records: list[dict], batch_size: int) -> None:
+    """The ranks' first step (``RecordRank`` records of 2 ranks with batch B): their mean loss
+    and their all-reduced gradients equal ``cross_entropy + sparsity_penalty`` of one
+    process on the concatenated 2B batch."""
+    torch.testing.assert_close(records[0]["initial"], records[1]["initial"])
+    model = reference_model(records[0]["initial"]).train()
+    images = torch.cat([r["batches"][0][0] for r in records])
+    labels = torch.cat([r["batches"][0][1] for r in records])
+    assert images.shape[0] == 2 * batch_size
+    loss = F.cross_entropy(model(images), labels) + sparsity_penalty(model)
+    loss.backward()
+    mean_rank_loss = (records[0]["loss"] + records[1]["loss"]) / 2
+    torch.testing.assert_close(mean_rank_loss, loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, parameter in model.named_parameters():
+        for record in records:
+            torch.testing.assert_close(
+                record["grads"][f"model.{name}"], parameter.grad, rtol=1e-4, atol=1e-6, msg=name
+            )
 
 
 class PoisonAfter(nn.Module):

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 import yaml
 
 from datamodules.cifar import CIFAR10DataModule
-from lit_divnorm.norm import sparsity_penalty
 from tests.cifar.fixtures import write_cifar10
 from tests.conftest import REPO_ROOT
-from tests.scale.helpers import MixedNormNet
+from tests.scale.helpers import assert_first_step_equals_one_process, reference_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 BATCH = 4
@@ -103,33 +102,14 @@ def test_ranks_see_disjoint_samples_covering_the_split(ddp_run, split):
     assert set(seen[0]) | set(seen[1]) == set(_keys(everything))
 
 
-def _reference_model(state: dict) -> MixedNormNet:
-    model = MixedNormNet()
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    return model
-
-
 def test_first_step_equals_one_process_with_batch_2b(ddp_run):
     records, _ = ddp_run
-    torch.testing.assert_close(records[0]["initial"], records[1]["initial"])
-    model = _reference_model(records[0]["initial"]).train()
-    images = torch.cat([r["batches"][0][0] for r in records])
-    labels = torch.cat([r["batches"][0][1] for r in records])
-    assert images.shape[0] == 2 * BATCH
-    loss = F.cross_entropy(model(images), labels) + sparsity_penalty(model)
-    loss.backward()
-    mean_rank_loss = (records[0]["loss"] + records[1]["loss"]) / 2
-    torch.testing.assert_close(mean_rank_loss, loss.detach(), rtol=1e-5, atol=1e-6)
-    for name, parameter in model.named_parameters():
-        for record in records:
-            torch.testing.assert_close(
-                record["grads"][f"model.{name}"], parameter.grad, rtol=1e-4, atol=1e-6, msg=name
-            )
+    assert_first_step_equals_one_process(records, BATCH)
 
 
 def test_validation_metrics_are_reduced_over_both_ranks(ddp_run):
     records, datamodule = ddp_run
-    model = _reference_model(records[0]["final"]).eval()
+    model = reference_model(records[0]["final"]).eval()
     val = datamodule.val_set
     images = torch.stack([val[i][0] for i in range(len(val))])
     labels = torch.stack([val[i][1] for i in range(len(val))])
