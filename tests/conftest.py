@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton's kernels then run in its interpreter, on the CPU;
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # set before anything imports triton
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

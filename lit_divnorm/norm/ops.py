@@ -18,7 +18,8 @@ auto       native on the CPU (when the C++ kernels build),  everywhere
            triton on CUDA (when its kernels are there),
            torch otherwise
 native     the C++ kernels (:mod:`.kernels.cpu`)            CPU tensors
-triton     Triton kernels                                   CUDA tensors (issue 14)
+triton     the Triton kernels (:mod:`.kernels.triton`)      CUDA tensors (CPU tensors in
+                                                            Triton's interpreter)
 compile    ``torch.compile`` of the eager kernels           everywhere
 torch      the eager kernels (:mod:`.kernels.eager`)        everywhere
 =========  ===============================================  ==============================
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from lit_divnorm.norm.kernels import cpu, eager
+from lit_divnorm.norm.kernels import triton as triton_kernels
 
 BACKENDS: tuple[str, ...] = ("auto", "native", "triton", "compile", "torch")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -56,7 +58,11 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     check_backend(backend)
     device = x.device.type
     if backend == "auto":
-        return "native" if device == "cpu" and cpu.available() else "torch"
+        if device == "cpu" and cpu.available():
+            return "native"
+        if device == "cuda" and x.dtype != torch.float64 and triton_kernels.available():
+            return "triton"  # (float64 stays in the eager kernels' float64)
+        return "torch"
     if backend == "native":
         if device != "cpu":
             raise ValueError(
@@ -68,12 +74,21 @@ def resolve_backend(backend: str, x: Tensor) -> str:
                 "backend='native' needs the C++ kernels, which could not be built here (see the "
                 "warning above, or LIT_DIVNORM_NATIVE=0 is set); use 'auto' or 'torch'"
             )
-    if backend == "triton":
+    if backend == "triton" and not triton_kernels.runs_on(x):
+        reason = "Triton is not installed" if not triton_kernels.available() else (
+            "its kernels run on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1)"
+        )  # fmt: skip
         raise ValueError(
-            f"backend='triton' has no kernels in this version (input on {device!r}); use one of "
-            f"{tuple(b for b in BACKENDS if b != 'triton')}"
+            f"backend='triton' cannot run on a tensor on {device!r}: {reason}; of {BACKENDS}, "
+            "'auto', 'compile' and 'torch' run everywhere"
         )
     return backend
+
+
+def _kernels(name: str):
+    """The module whose ``local_*``/``channel_*`` functions run for backend ``name`` (not
+    ``"native"``, whose C++ functions take plain numbers)."""
+    return triton_kernels if name == "triton" else eager
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,14 +131,16 @@ def local_dn(
     """``(y, stats, l1)``: ``y`` in ``x``'s dtype, ``stats`` ``(3, N, 1, *P)`` (``q1, m, r``)
     and ``l1 = mean|x - m|`` (``0.`` unless ``with_l1``) in the compute dtype."""
     name = resolve_backend(backend, x)
-    xc = x.to(compute_dtype(x.dtype))
+    xc = x if name == "triton" else x.to(compute_dtype(x.dtype))  # triton loads any dtype
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
     with full_precision(x.device.type):
         if name == "native":
             y, stats, total = cpu.forward(xc, float(floor), *config, with_l1)
             l1 = torch.tensor(total / max(x.numel(), 1), dtype=xc.dtype)
         else:
-            kernel = eager.compiled("local_forward") if name == "compile" else eager.local_forward
+            kernel = _kernels(name).local_forward
+            if name == "compile":
+                kernel = eager.compiled("local_forward")
             y, stats, l1 = kernel(xc, floor.to(xc.dtype), *config, with_l1)
     return y.to(x.dtype), stats, l1
 
@@ -151,7 +168,7 @@ def local_dn_backward(
     """``(dL/dx, dL/dfloor)`` of :func:`local_dn` (``dL/dx`` in ``x``'s dtype)."""
     name = resolve_backend(backend, x)
     dtype = stats.dtype
-    xc, gc = x.to(dtype), grad_y.to(dtype)
+    xc, gc = (x, grad_y) if name == "triton" else (x.to(dtype), grad_y.to(dtype))
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
     coef = float(grad_l1) / max(x.numel(), 1) if with_l1 else 0.0
     with full_precision(x.device.type):
@@ -160,7 +177,9 @@ def local_dn_backward(
             grad_x, total = cpu.backward(gc, xc, stats, *config, coef or None)
             grad_floor = torch.tensor(total, dtype=dtype)
         else:
-            kernel = eager.compiled("local_backward") if name == "compile" else eager.local_backward
+            kernel = _kernels(name).local_backward
+            if name == "compile":
+                kernel = eager.compiled("local_backward")
             l1_grad = grad_l1.to(dtype) if with_l1 and coef else None
             grad_x, grad_floor = kernel(gc, l1_grad, xc, stats, *config)
     return grad_x.to(x.dtype), grad_floor
@@ -260,13 +279,13 @@ def channel_dn(
     ``width`` channels, by the channels inside (``"valid"``) or ``divisor``
     (``"reference"``)."""
     name = resolve_backend(backend, x)
-    xc = x.to(compute_dtype(x.dtype))
+    xc = x if name == "triton" else x.to(compute_dtype(x.dtype))
     with full_precision(x.device.type):
         if name == "native":
             window = _channel_window(width, border, divisor)
             y = cpu.channel_forward(xc, window, float(floor), alpha, power)
         else:
-            kernel = eager.channel_forward
+            kernel = _kernels(name).channel_forward
             if name == "compile":
                 kernel = eager.compiled("channel_forward")
             y = kernel(xc, floor.to(xc.dtype), width, border, divisor, alpha, power)
@@ -293,14 +312,14 @@ def channel_dn_backward(
     """``(dL/dx, dL/dfloor)`` of :func:`channel_dn`."""
     name = resolve_backend(backend, x)
     dtype = compute_dtype(x.dtype)
-    xc, gc = x.to(dtype), grad_y.to(dtype)
+    xc, gc = (x, grad_y) if name == "triton" else (x.to(dtype), grad_y.to(dtype))
     with full_precision(x.device.type):
         if name == "native":
             window = _channel_window(width, border, divisor)
             grad_x, total = cpu.channel_backward(gc, xc, window, float(floor), alpha, power)
             grad_floor = torch.tensor(total, dtype=dtype)
         else:
-            kernel = eager.channel_backward
+            kernel = _kernels(name).channel_backward
             if name == "compile":
                 kernel = eager.compiled("channel_backward")
             floor = floor.to(dtype)
