@@ -1,7 +1,12 @@
 """Forward+backward time and training memory of every registry norm against torch's peers.
 
     python benchmarks/norms.py [--repeats 20] [--device cpu|cuda] [--names dn dn* bn ...]
-                               [--compiled dn dn*]
+                               [--compiled dn dn*] [--precision float32 bf16-autocast]
+
+On a GPU it adds ImageNet-like shapes (64x64x56x56 window 5, 64x256x14x14 window 3), times
+with CUDA events, reports the peak memory of each step beside the saved bytes, and runs float32
+and bfloat16 autocast by default; every module runs warm-up steps first, so first-call
+compiles (Triton's, torch.compile's) are never timed.
 
 For each of the paper's CIFAR shapes it prints the median time of ``forward + backward``
 (timed round-robin across the norms, so load from other processes is shared fairly) and
@@ -17,6 +22,7 @@ LocalResponseNorm for lrn, GroupNorm(1, C) for the rest) from the same run; then
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import random
 import statistics
@@ -36,6 +42,21 @@ SHAPES = [  # (N, C, H, W, window): the paper's three CIFAR layers and a wide wi
     (100, 64, 8, 8, 3),
     (100, 32, 32, 32, 15),
 ]
+GPU_SHAPES = [(64, 64, 56, 56, 5), (64, 256, 14, 14, 3)]  # ImageNet-like layers
+PRECISIONS = ("float32", "bf16-autocast")
+WARMUP = 3
+
+
+def input_dtype(precision: str) -> torch.dtype:
+    """What a norm receives in a network at ``precision``: a conv's bfloat16 output under
+    autocast."""
+    return torch.bfloat16 if precision == "bf16-autocast" else torch.float32
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16-autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class DirectDN(nn.Module):
@@ -53,7 +74,7 @@ class DirectDN(nn.Module):
         return v / torch.sqrt(self.sigma**2 + self.box((v * v).mean(1, keepdim=True)))
 
 
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+def saved_bytes(module: nn.Module, x: torch.Tensor, context=contextlib.nullcontext) -> int:
     """Bytes of the distinct storages autograd saves for backward (the training memory)."""
     storages: dict[int, int] = {}
 
@@ -61,30 +82,58 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context():
         module(x).sum()
     clear_sparsity(module)
     return sum(storages.values())
 
 
-def time_steps(modules: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, context) -> int:
+    """The CUDA allocator's peak during one forward+backward, above what was held before."""
+    if not x.is_cuda:
+        return 0
+    x.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with context():
+        y = module(x)
+    y.backward(grad.to(y.dtype))
+    torch.cuda.synchronize()
+    clear_sparsity(module)
+    return torch.cuda.max_memory_allocated() - before
+
+
+def time_steps(
+    modules: dict[str, nn.Module], x: torch.Tensor, repeats: int, context=contextlib.nullcontext
+) -> dict[str, float]:
     """Median ms of forward+backward per module, timed round-robin (one step of each module
     per round, in a new random order each round) so that load from other processes, and the
-    state a module leaves in the caches, fall on every module alike."""
+    state a module leaves in the caches, fall on every module alike. CUDA steps are timed by
+    events recorded around them on the stream."""
     grad = torch.randn_like(x)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def step(module: nn.Module) -> float:
         x.grad = None
-        sync()
-        start = time.perf_counter()
-        module(x).backward(grad)
-        sync()
+        if x.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with context():
+                y = module(x)
+            y.backward(grad.to(y.dtype))
+            end.record()
+            end.synchronize()
+            clear_sparsity(module)
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
+        with context():
+            y = module(x)
+        y.backward(grad.to(y.dtype))
         clear_sparsity(module)
-        return time.perf_counter() - start
+        return time.perf_counter() - begin
 
     for module in modules.values():
-        for _ in range(3):
+        for _ in range(WARMUP):  # first-call compiles and allocations happen here
             step(module)
     times: dict[str, list[float]] = {name: [] for name in modules}
     order = list(modules)
@@ -126,51 +175,82 @@ def main() -> None:
         default=["dn", "dn*"],
         help='also time these with backend="compile"',
     )
+    parser.add_argument(
+        "--precision",
+        nargs="*",
+        choices=PRECISIONS,
+        default=None,
+        help="default: float32 on the CPU, both on a GPU",
+    )
     allocator.add_flag(parser)
     args = parser.parse_args()
     allocator.apply_flag(args)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, float32")
-    print(f"median of {args.repeats} forward+backward; memory = bytes saved for backward")
-    for n, c, h, w, window in SHAPES:
-        x = torch.randn(n, c, h, w, device=device, requires_grad=True)
-        factories = peers(c, window)
-        for name in args.names:
-            factories[name] = functools.partial(build_norm, name, c, layer_window=window)
-        for name in args.compiled:
-            factories[f"{name} (compiled)"] = functools.partial(
-                build_norm, name, c, layer_window=window, backend="compile"
-            )
-        modules = {name: make().to(device) for name, make in factories.items()}
-        times = time_steps(modules, x, args.repeats)
-        rows = {name: (times[name], saved_bytes(module, x)) for name, module in modules.items()}
-        base_ms, base_mem = rows["torch GroupNorm(1,C)"]
-        print(f"\nshape {n}x{c}x{h}x{w}, window {window}")
-        print(f"{'norm':<28}{'ms':>8}{'x GN':>7}{'x peer':>8}{'MiB saved':>11}{'x GN':>7}")
-        for name, (ms, mem) in rows.items():
-            peer = counterpart(name.removesuffix(" (compiled)"))
-            ratio = f"{ms / rows[peer][0]:8.2f}" if not name.startswith("torch") else f"{'-':>8}"
-            print(
-                f"{name:<28}{ms:8.2f}{ms / base_ms:7.2f}{ratio}{mem / 2**20:11.2f}"
-                f"{mem / max(base_mem, 1):7.2f}"
-            )
-    window_cost([n for n in ("dn", "dn*") if n in args.names], args.repeats, device)
+    precisions = args.precision or (PRECISIONS if device.type == "cuda" else PRECISIONS[:1])
+    shapes = SHAPES + (GPU_SHAPES if device.type == "cuda" else [])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {name}, threads {torch.get_num_threads()}")
+    print(f"median of {args.repeats} forward+backward; saved = bytes saved for backward", end="")
+    print("; peak = allocator peak of a step above its input" if device.type == "cuda" else "")
+    for precision in precisions:
+        for shape in shapes:
+            run_shape(shape, precision, args, device)
+        window_cost([n for n in ("dn", "dn*") if n in args.names], args.repeats, device, precision)
 
 
-def window_cost(names: list[str], repeats: int, device: torch.device) -> None:
+def run_shape(
+    shape: tuple[int, ...], precision: str, args: argparse.Namespace, device: torch.device
+) -> None:
+    """Time every peer and norm at one ``(N, C, H, W, window)`` and print the table."""
+    n, c, h, w, window = shape
+    context = functools.partial(precision_context, precision, device)
+    x = torch.randn(n, c, h, w, device=device, dtype=input_dtype(precision), requires_grad=True)
+    factories = peers(c, window)
+    for name in args.names:
+        factories[name] = functools.partial(build_norm, name, c, layer_window=window)
+    for name in args.compiled:
+        factories[f"{name} (compiled)"] = functools.partial(
+            build_norm, name, c, layer_window=window, backend="compile"
+        )
+    modules = {name: make().to(device) for name, make in factories.items()}
+    times = time_steps(modules, x, args.repeats, context)
+    grad = torch.randn_like(x)
+    rows = {
+        name: (times[name], saved_bytes(module, x, context), peak_bytes(module, x, grad, context))
+        for name, module in modules.items()
+    }
+    base_ms, base_mem, base_peak = rows["torch GroupNorm(1,C)"]
+    print(f"\n{precision}, shape {n}x{c}x{h}x{w}, window {window}")
+    header = f"{'norm':<28}{'ms':>8}{'x GN':>7}{'x peer':>8}{'MiB saved':>11}{'x GN':>7}"
+    print(header + (f"{'MiB peak':>10}{'x GN':>7}" if x.is_cuda else ""))
+    for name, (ms, mem, peak) in rows.items():
+        peer = counterpart(name.removesuffix(" (compiled)"))
+        ratio = f"{ms / rows[peer][0]:8.2f}" if not name.startswith("torch") else f"{'-':>8}"
+        line = (
+            f"{name:<28}{ms:8.2f}{ms / base_ms:7.2f}{ratio}{mem / 2**20:11.2f}"
+            f"{mem / max(base_mem, 1):7.2f}"
+        )
+        if x.is_cuda:
+            line += f"{peak / 2**20:10.2f}{peak / max(base_peak, 1):7.2f}"
+        print(line)
+
+
+def window_cost(
+    names: list[str], repeats: int, device: torch.device, precision: str = "float32"
+) -> None:
     """The 15x15 window against the 5x5 one, timed in the same round-robin (the shapes above
     run one after the other, so a drift of the machine's speed would show as a window cost)."""
     if not names:
         return
     n, c, h, w = SHAPES[0][:4]
-    x = torch.randn(n, c, h, w, device=device, requires_grad=True)
+    x = torch.randn(n, c, h, w, device=device, dtype=input_dtype(precision), requires_grad=True)
     modules = {
         f"{name} {window}": build_norm(name, c, layer_window=window).to(device)
         for name in names
         for window in (5, 15)
     }
-    times = time_steps(modules, x, repeats)
-    print(f"\nwindow 15x15 against 5x5 at {n}x{c}x{h}x{w}, timed together")
+    times = time_steps(modules, x, repeats, functools.partial(precision_context, precision, device))
+    print(f"\n{precision}, window 15x15 against 5x5 at {n}x{c}x{h}x{w}, timed together")
     print(f"{'norm':<24}{'ms 5x5':>8}{'ms 15x15':>10}{'ratio':>7}")
     for name in names:
         small, large = times[f"{name} 5"], times[f"{name} 15"]
