@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lit_divnorm.norm.kernels import cpu, eager
 from lit_divnorm.norm.kernels import triton as triton_kernels
@@ -74,6 +75,11 @@ def resolve_backend(backend: str, x: Tensor) -> str:
                 "backend='native' needs the C++ kernels, which could not be built here (see the "
                 "warning above, or LIT_DIVNORM_NATIVE=0 is set); use 'auto' or 'torch'"
             )
+    if backend == "triton" and x.dtype == torch.float64:
+        raise ValueError(
+            "backend='triton' takes float16, bfloat16 and float32 tensors, got float64; "
+            "'auto' runs float64 in the eager kernels"
+        )
     if backend == "triton" and not triton_kernels.runs_on(x):
         reason = "Triton is not installed" if not triton_kernels.available() else (
             "its kernels run on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1)"
@@ -96,25 +102,103 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
-@contextlib.contextmanager
-def full_precision(device_type: str) -> Iterator[None]:
+def full_precision(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off on ``device_type`` (so no product or mean inside is cast down)."""
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            yield
-    else:
-        yield
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---- local DN: (N, C, *P) with local positional windows over all channels ----
 
 
+LocalConfig = tuple[tuple[int, ...], tuple[int, ...], str, tuple[int, ...] | None]
+
+
 def _local_config(
-    sum_windows: list[int], sup_windows: list[int], border: str, sup_divisors: list[int] | None
-) -> tuple[tuple[int, ...], tuple[int, ...], str, tuple[int, ...] | None]:
+    sum_windows: Sequence[int],
+    sup_windows: Sequence[int],
+    border: str,
+    sup_divisors: Sequence[int] | None,
+) -> LocalConfig:
     """The kernels' (hashable) geometry arguments."""
     divisors = None if sup_divisors is None else tuple(sup_divisors)
     return tuple(sum_windows), tuple(sup_windows), border, divisors
+
+
+def _local_forward(
+    x: Tensor, floor: float | Tensor, config: LocalConfig, with_l1: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, stats, l1)`` by the kernel ``backend`` picks for ``x`` (the one dispatch)."""
+    name = resolve_backend(backend, x)
+    xc = x if name == "triton" else x.to(compute_dtype(x.dtype))  # triton loads any dtype
+    with full_precision(x.device.type):
+        if name == "native":
+            y, stats, total = cpu.forward(xc, float(floor), *config, with_l1)
+            l1 = torch.tensor(total / max(x.numel(), 1), dtype=xc.dtype)
+        else:
+            kernel = _kernels(name).local_forward
+            if name == "compile":
+                kernel = eager.compiled("local_forward")
+            if isinstance(floor, Tensor):
+                floor = floor.to(compute_dtype(x.dtype))
+            y, stats, l1 = kernel(xc, floor, *config, with_l1)
+    return y.to(x.dtype), stats, l1
+
+
+def _local_backward(
+    grad_y: Tensor,
+    grad_l1: Tensor | None,
+    x: Tensor,
+    stats: Tensor,
+    config: LocalConfig,
+    backend: str,
+) -> tuple[Tensor, Tensor | float]:
+    """``(dL/dx, dL/dfloor)`` from ``dL/dy`` and ``dL/dl1`` (``None``: no L1 term)."""
+    name = resolve_backend(backend, x)
+    dtype = stats.dtype
+    xc, gc = (x, grad_y) if name == "triton" else (x.to(dtype), grad_y.to(dtype))
+    coef = 0.0 if grad_l1 is None else float(grad_l1) / max(x.numel(), 1)
+    with full_precision(x.device.type):
+        if name == "native":
+            # an L1 term left out of the loss (coef 0): the kernel skips its sign passes
+            grad_x, grad_floor = cpu.backward(gc, xc, stats, *config, coef or None)
+        else:
+            kernel = _kernels(name).local_backward
+            if name == "compile":
+                kernel = eager.compiled("local_backward")
+            l1_grad = grad_l1.to(dtype) if coef else None
+            grad_x, grad_floor = kernel(gc, l1_grad, xc, stats, *config)
+    return grad_x.to(x.dtype), grad_floor
+
+
+class _LocalDivisiveNorm(torch.autograd.Function):
+    """Eager calls of ``lit_divnorm::local_dn``'s kernels and hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x, floor, config, with_l1, backend):  # type: ignore[override]
+        y, stats, l1 = _local_forward(x, floor, config, with_l1, backend)
+        ctx.save_for_backward(x, stats)
+        ctx.args = (config, with_l1, backend, floor)
+        if not with_l1:
+            ctx.mark_non_differentiable(l1)
+        return y, l1
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_l1):  # type: ignore[override]
+        x, stats = ctx.saved_tensors
+        config, with_l1, backend, floor = ctx.args
+        grad_l1 = grad_l1 if with_l1 else None
+        grad_x, grad_floor = _local_backward(grad_y, grad_l1, x, stats, config, backend)
+        return grad_x, _floor_grad(ctx, grad_floor, floor), None, None, None
+
+
+def _floor_grad(ctx, grad_floor: Tensor | float, floor: float | Tensor) -> Tensor | None:
+    """``dL/dfloor`` shaped as a learned floor, or ``None`` for a fixed one."""
+    if not ctx.needs_input_grad[1]:
+        return None
+    return torch.as_tensor(grad_floor, dtype=floor.dtype, device=floor.device)
 
 
 @torch.library.custom_op("lit_divnorm::local_dn", mutates_args=())
@@ -129,20 +213,9 @@ def local_dn(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, stats, l1)``: ``y`` in ``x``'s dtype, ``stats`` ``(3, N, 1, *P)`` (``q1, m, r``)
-    and ``l1 = mean|x - m|`` (``0.`` unless ``with_l1``) in the compute dtype."""
-    name = resolve_backend(backend, x)
-    xc = x if name == "triton" else x.to(compute_dtype(x.dtype))  # triton loads any dtype
+    and ``l1 = mean|x - m|`` (``0.`` unless ``with_l1``) in the statistics' dtype."""
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
-    with full_precision(x.device.type):
-        if name == "native":
-            y, stats, total = cpu.forward(xc, float(floor), *config, with_l1)
-            l1 = torch.tensor(total / max(x.numel(), 1), dtype=xc.dtype)
-        else:
-            kernel = _kernels(name).local_forward
-            if name == "compile":
-                kernel = eager.compiled("local_forward")
-            y, stats, l1 = kernel(xc, floor.to(xc.dtype), *config, with_l1)
-    return y.to(x.dtype), stats, l1
+    return _local_forward(x, floor, config, with_l1, backend)
 
 
 @local_dn.register_fake
@@ -166,23 +239,10 @@ def local_dn_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``(dL/dx, dL/dfloor)`` of :func:`local_dn` (``dL/dx`` in ``x``'s dtype)."""
-    name = resolve_backend(backend, x)
-    dtype = stats.dtype
-    xc, gc = (x, grad_y) if name == "triton" else (x.to(dtype), grad_y.to(dtype))
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
-    coef = float(grad_l1) / max(x.numel(), 1) if with_l1 else 0.0
-    with full_precision(x.device.type):
-        if name == "native":
-            # an L1 term left out of the loss (coef 0): the kernel skips its sign passes
-            grad_x, total = cpu.backward(gc, xc, stats, *config, coef or None)
-            grad_floor = torch.tensor(total, dtype=dtype)
-        else:
-            kernel = _kernels(name).local_backward
-            if name == "compile":
-                kernel = eager.compiled("local_backward")
-            l1_grad = grad_l1.to(dtype) if with_l1 and coef else None
-            grad_x, grad_floor = kernel(gc, l1_grad, xc, stats, *config)
-    return grad_x.to(x.dtype), grad_floor
+    grad_l1 = grad_l1 if with_l1 else None
+    grad_x, grad_floor = _local_backward(grad_y, grad_l1, x, stats, config, backend)
+    return grad_x, torch.as_tensor(grad_floor, dtype=stats.dtype, device=stats.device)
 
 
 @local_dn_backward.register_fake
@@ -197,14 +257,14 @@ def _local_setup(ctx, inputs, output) -> None:
     ctx.floor_dtype = floor.dtype
 
 
-def _local_backward(ctx, grad_y, grad_stats, grad_l1):
+def _local_op_backward(ctx, grad_y, grad_stats, grad_l1):
     x, stats = ctx.saved_tensors
     grad_x, grad_floor = local_dn_backward(grad_y, grad_l1, x, stats, *ctx.config)
     grad_floor = grad_floor.to(ctx.floor_dtype) if ctx.needs_input_grad[1] else None
     return grad_x, grad_floor, None, None, None, None, None, None
 
 
-local_dn.register_autograd(_local_backward, setup_context=_local_setup)
+local_dn.register_autograd(_local_op_backward, setup_context=_local_setup)
 
 
 def local_divisive_norm(
@@ -217,16 +277,21 @@ def local_divisive_norm(
     with_l1: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """``(y, mean|x - m|)`` for ``x`` ``(N, C, *P)`` through ``lit_divnorm::local_dn``; the
-    second output is ``0.`` unless ``with_l1``. ``floor = sigma^2 + eps`` (a tensor when
-    learned)."""
-    if not isinstance(floor, Tensor):
-        floor = torch.tensor(float(floor), dtype=torch.float64)
-    divisors = None if sup_divisors is None else list(sup_divisors)
-    y, _, l1 = local_dn(
-        x, floor, list(sum_windows), list(sup_windows), divisors, border, with_l1, backend
-    )
-    return y, l1
+    """``(y, mean|x - m|)`` for ``x`` ``(N, C, *P)`` (the second output is ``0.`` unless
+    ``with_l1``); ``floor = sigma^2 + eps`` (a tensor when learned). Under ``torch.compile``
+    this is the operator ``lit_divnorm::local_dn``; eager calls run the same kernels through
+    an ``autograd.Function`` (custom_op's Python dispatch costs about 100 us per
+    forward+backward, half a small layer's time)."""
+    if torch.compiler.is_compiling():
+        if not isinstance(floor, Tensor):
+            floor = torch.tensor(float(floor), dtype=torch.float64)
+        divisors = None if sup_divisors is None else list(sup_divisors)
+        y, _, l1 = local_dn(
+            x, floor, list(sum_windows), list(sup_windows), divisors, border, with_l1, backend
+        )
+        return y, l1
+    config = _local_config(sum_windows, sup_windows, border, sup_divisors)
+    return _LocalDivisiveNorm.apply(x, floor, config, with_l1, backend)
 
 
 # ---- the L1 term of a centred activation: mean |x - mean| ----
@@ -264,6 +329,70 @@ def _channel_window(width: int, border: str, divisor: int) -> tuple[int, int, in
     return ((width - 1) // 2, width // 2, divisor if border == "reference" else 0)
 
 
+ChannelConfig = tuple[int, str, int, float, float]  # width, border, divisor, alpha, power
+
+
+def _channel_forward(
+    x: Tensor, floor: float | Tensor, config: ChannelConfig, backend: str
+) -> Tensor:
+    """``y`` by the kernel ``backend`` picks for ``x`` (the one dispatch)."""
+    width, border, divisor, alpha, power = config
+    name = resolve_backend(backend, x)
+    xc = x if name == "triton" else x.to(compute_dtype(x.dtype))
+    with full_precision(x.device.type):
+        if name == "native":
+            window = _channel_window(width, border, divisor)
+            y = cpu.channel_forward(xc, window, float(floor), alpha, power)
+        else:
+            kernel = _kernels(name).channel_forward
+            if name == "compile":
+                kernel = eager.compiled("channel_forward")
+            if isinstance(floor, Tensor):
+                floor = floor.to(compute_dtype(x.dtype))
+            y = kernel(xc, floor, *config)
+    return y.to(x.dtype)
+
+
+def _channel_backward(
+    grad_y: Tensor, x: Tensor, floor: float | Tensor, config: ChannelConfig, backend: str
+) -> tuple[Tensor, Tensor | float]:
+    """``(dL/dx, dL/dfloor)`` of :func:`_channel_forward`."""
+    width, border, divisor, alpha, power = config
+    name = resolve_backend(backend, x)
+    dtype = compute_dtype(x.dtype)
+    xc, gc = (x, grad_y) if name == "triton" else (x.to(dtype), grad_y.to(dtype))
+    with full_precision(x.device.type):
+        if name == "native":
+            window = _channel_window(width, border, divisor)
+            grad_x, grad_floor = cpu.channel_backward(gc, xc, window, float(floor), alpha, power)
+        else:
+            kernel = _kernels(name).channel_backward
+            if name == "compile":
+                kernel = eager.compiled("channel_backward")
+            if isinstance(floor, Tensor):
+                floor = floor.to(dtype)
+            grad_x, grad_floor = kernel(gc, xc, floor, *config)
+    return grad_x.to(x.dtype), grad_floor
+
+
+class _ChannelDivisiveNorm(torch.autograd.Function):
+    """Eager calls of ``lit_divnorm::channel_dn``'s kernels and hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x, floor, config, backend):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.args = (floor, config, backend)
+        return _channel_forward(x, floor, config, backend)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        floor, config, backend = ctx.args
+        grad_x, grad_floor = _channel_backward(grad_y, x, floor, config, backend)
+        return grad_x, _floor_grad(ctx, grad_floor, floor), None, None
+
+
 @torch.library.custom_op("lit_divnorm::channel_dn", mutates_args=())
 def channel_dn(
     x: Tensor,
@@ -278,18 +407,7 @@ def channel_dn(
     """``x (floor + alpha B_c(x^2))^(-power)`` in ``x``'s dtype; ``B_c`` averages over
     ``width`` channels, by the channels inside (``"valid"``) or ``divisor``
     (``"reference"``)."""
-    name = resolve_backend(backend, x)
-    xc = x if name == "triton" else x.to(compute_dtype(x.dtype))
-    with full_precision(x.device.type):
-        if name == "native":
-            window = _channel_window(width, border, divisor)
-            y = cpu.channel_forward(xc, window, float(floor), alpha, power)
-        else:
-            kernel = _kernels(name).channel_forward
-            if name == "compile":
-                kernel = eager.compiled("channel_forward")
-            y = kernel(xc, floor.to(xc.dtype), width, border, divisor, alpha, power)
-    return y.to(x.dtype)
+    return _channel_forward(x, floor, (width, border, divisor, alpha, power), backend)
 
 
 @channel_dn.register_fake
@@ -310,21 +428,9 @@ def channel_dn_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``(dL/dx, dL/dfloor)`` of :func:`channel_dn`."""
-    name = resolve_backend(backend, x)
-    dtype = compute_dtype(x.dtype)
-    xc, gc = (x, grad_y) if name == "triton" else (x.to(dtype), grad_y.to(dtype))
-    with full_precision(x.device.type):
-        if name == "native":
-            window = _channel_window(width, border, divisor)
-            grad_x, total = cpu.channel_backward(gc, xc, window, float(floor), alpha, power)
-            grad_floor = torch.tensor(total, dtype=dtype)
-        else:
-            kernel = _kernels(name).channel_backward
-            if name == "compile":
-                kernel = eager.compiled("channel_backward")
-            floor = floor.to(dtype)
-            grad_x, grad_floor = kernel(gc, xc, floor, width, border, divisor, alpha, power)
-    return grad_x.to(x.dtype), grad_floor
+    config = (width, border, divisor, alpha, power)
+    grad_x, grad_floor = _channel_backward(grad_y, x, floor, config, backend)
+    return grad_x, torch.as_tensor(grad_floor, dtype=compute_dtype(x.dtype), device=x.device)
 
 
 @channel_dn_backward.register_fake
@@ -338,14 +444,14 @@ def _channel_setup(ctx, inputs, output) -> None:
     ctx.config = config
 
 
-def _channel_backward(ctx, grad_y):
+def _channel_op_backward(ctx, grad_y):
     x, floor = ctx.saved_tensors
     grad_x, grad_floor = channel_dn_backward(grad_y, x, floor, *ctx.config)
     grad_floor = grad_floor.to(floor.dtype) if ctx.needs_input_grad[1] else None
     return grad_x, grad_floor, None, None, None, None, None, None
 
 
-channel_dn.register_autograd(_channel_backward, setup_context=_channel_setup)
+channel_dn.register_autograd(_channel_op_backward, setup_context=_channel_setup)
 
 
 def channel_divisive_norm(
@@ -358,13 +464,18 @@ def channel_divisive_norm(
     power: float = 0.5,
     backend: str = "auto",
 ) -> Tensor:
-    """``x (floor + alpha B_c(x^2))^(-power)`` for ``x`` ``(N, C, *P)`` through
-    ``lit_divnorm::channel_dn`` (``divisor`` replaces ``width`` in ``"reference"``'s
-    divisor)."""
+    """``x (floor + alpha B_c(x^2))^(-power)`` for ``x`` ``(N, C, *P)`` (``(N, C)``: one
+    position each); ``divisor`` replaces ``width`` in ``"reference"``'s divisor. Under
+    ``torch.compile`` this is the operator ``lit_divnorm::channel_dn``; eager calls run the
+    same kernels through an ``autograd.Function``, as :func:`local_divisive_norm` does."""
     if not math.isfinite(alpha) or not math.isfinite(power):
         raise ValueError(f"alpha and power must be finite, got alpha={alpha}, power={power}")
-    if not isinstance(floor, Tensor):
-        floor = torch.tensor(float(floor), dtype=torch.float64)
     maps = x.unsqueeze(-1) if x.ndim == 2 else x  # (N, C) features: one position each
-    y = channel_dn(maps, floor, width, border, divisor or width, alpha, power, backend)
+    config = (width, border, divisor or width, float(alpha), float(power))
+    if torch.compiler.is_compiling():
+        if not isinstance(floor, Tensor):
+            floor = torch.tensor(float(floor), dtype=torch.float64)
+        y = channel_dn(maps, floor, *config, backend)
+    else:
+        y = _ChannelDivisiveNorm.apply(maps, floor, config, backend)
     return y.squeeze(-1) if x.ndim == 2 else y

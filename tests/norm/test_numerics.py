@@ -134,3 +134,23 @@ def test_triton_where_it_cannot_run_names_backend_device_and_alternatives():
 
 def test_backends_list_is_the_documented_one():
     assert BACKENDS == ("auto", "native", "triton", "compile", "torch")
+
+
+@pytest.mark.parametrize("with_l1", [False, True])
+def test_local_operator_passes_torch_library_opcheck(with_l1):
+    """Schema, fake kernel, autograd registration and the eager kernel agree (torch's own
+    checker of custom operators)."""
+    from lit_divnorm.norm import ops
+
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    floor = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    args = (x, floor, [3, 3], [5, 2], None, "valid", with_l1, "auto")
+    torch.library.opcheck(ops.local_dn, args)
+
+
+def test_channel_operator_passes_torch_library_opcheck():
+    from lit_divnorm.norm import ops
+
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    floor = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(ops.channel_dn, (x, floor, 3, "reference", 3, 0.5, 0.75, "auto"))
