@@ -67,7 +67,7 @@ from lit_divnorm.norm.registry import NormSpec, _base_callable, build_norm, reso
 Layout = Literal["channels_first", "channels_last", "sequence_first"]
 Selector = str | type[nn.Module]
 
-PER_POSITION_LAYER = Field(channels="all", positions="self")
+PER_POSITION_LAYER = PRESETS["position"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,10 +512,9 @@ def _build_target(source: NormSource, spec: NormSpec, overrides: Mapping[str, An
     if not (isinstance(base, type) and issubclass(base, DivisiveNorm)):
         return build_norm(spec, source.num_features, **overrides)
     explicit = set(kwargs) | (set() if isinstance(spec, (str, Mapping)) else set(keywords))
-    settings = _field_settings(source, {**keywords, **kwargs}, explicit)
+    settings = _field_settings(source, base, {**keywords, **kwargs}, explicit)
     norm = build_norm(spec, source.num_features, **overrides, **settings)
-    present = [f for f in (norm.sum_field, norm.sup_field) if f is not None]
-    if not present or any(f != source.field for f in present):
+    if not norm.sum_field == norm.sup_field == source.field:  # another kind: nothing carried
         return norm
     carried = _carried_settings(source, norm, explicit)
     if carried:
@@ -525,13 +524,19 @@ def _build_target(source: NormSource, spec: NormSpec, overrides: Mapping[str, An
 
 
 def _field_settings(
-    source: NormSource, arguments: Mapping[str, Any], explicit: set[str]
+    source: NormSource,
+    factory_class: type[DivisiveNorm],
+    arguments: Mapping[str, Any],
+    explicit: set[str],
 ) -> dict[str, Any]:
     """In a LayerNorm(C)'s place the layer field is per position; in a GroupNorm's place a
-    group field takes its groups (unless the spec sets the field or the groups)."""
-    defaults = inspect.signature(DivisiveNorm).parameters
+    group field takes its groups (unless the spec sets the field or the groups). Only for
+    norms whose fields are arguments (not the fixed fields of a subclass such as gdn)."""
+    defaults = inspect.signature(factory_class).parameters
     settings: dict[str, Any] = {}
     for key in ("sum_field", "sup_field"):
+        if key not in defaults:
+            continue
         field = parse_field(arguments.get(key, defaults[key].default), key)
         if field is None or key in explicit:
             continue
