@@ -37,14 +37,16 @@ channels-last maps); its parent tells whether it sits in a sequence-first torch
 ``nn.TransformerEncoder``/``Decoder``; ``layout="sequence_first"`` says so for other
 sequence-first models.
 
-Same kind: when the new norm's fields are the layer's own (bn for BatchNorm, in for
+Same kind: when both of the new norm's fields are the layer's own (bn for BatchNorm, in for
 InstanceNorm, gn for GroupNorm, ln for LayerNorm), it takes over the layer's eps, momentum,
 groups, per-channel affine weights and running statistics (and the synchronization of a
 ``SyncBatchNorm``, over all ranks), unless the spec sets them, so with ``sigma = 0`` the
 converted model computes the same function. In a LayerNorm's place the "layer" field spans
 what the LayerNorm spans: the channels at each position for ``LayerNorm(C)`` and
 ``LayerNorm2d`` (each token of a ViT, each pixel of a ConvNeXt), channels and positions for
-``LayerNorm((C, *P))``.
+``LayerNorm((C, *P))``. A norm of another kind carries nothing, even where one of its fields
+is the layer's (rmsnorm or gdn in a LayerNorm's place, frn in an InstanceNorm's, bnms in a
+BatchNorm's): it starts from its own parameters and eps.
 """
 
 from __future__ import annotations
