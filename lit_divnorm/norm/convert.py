@@ -37,14 +37,16 @@ channels-last maps); its parent tells whether it sits in a sequence-first torch
 ``nn.TransformerEncoder``/``Decoder``; ``layout="sequence_first"`` says so for other
 sequence-first models.
 
-Same kind: when the new norm's fields are the layer's own (bn for BatchNorm, in for
+Same kind: when both of the new norm's fields are the layer's own (bn for BatchNorm, in for
 InstanceNorm, gn for GroupNorm, ln for LayerNorm), it takes over the layer's eps, momentum,
 groups, per-channel affine weights and running statistics (and the synchronization of a
 ``SyncBatchNorm``, over all ranks), unless the spec sets them, so with ``sigma = 0`` the
 converted model computes the same function. In a LayerNorm's place the "layer" field spans
 what the LayerNorm spans: the channels at each position for ``LayerNorm(C)`` and
 ``LayerNorm2d`` (each token of a ViT, each pixel of a ConvNeXt), channels and positions for
-``LayerNorm((C, *P))``.
+``LayerNorm((C, *P))``. A norm of another kind carries nothing, even where one of its fields
+is the layer's (rmsnorm or gdn in a LayerNorm's place, frn in an InstanceNorm's, bnms in a
+BatchNorm's): it starts from its own parameters and eps.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from lit_divnorm.norm.registry import NormSpec, _base_callable, build_norm, reso
 Layout = Literal["channels_first", "channels_last", "sequence_first"]
 Selector = str | type[nn.Module]
 
-PER_POSITION_LAYER = Field(channels="all", positions="self")
+PER_POSITION_LAYER = PRESETS["position"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,10 +514,9 @@ def _build_target(source: NormSource, spec: NormSpec, overrides: Mapping[str, An
     if not (isinstance(base, type) and issubclass(base, DivisiveNorm)):
         return build_norm(spec, source.num_features, **overrides)
     explicit = set(kwargs) | (set() if isinstance(spec, (str, Mapping)) else set(keywords))
-    settings = _field_settings(source, {**keywords, **kwargs}, explicit)
+    settings = _field_settings(source, base, {**keywords, **kwargs}, explicit)
     norm = build_norm(spec, source.num_features, **overrides, **settings)
-    present = [f for f in (norm.sum_field, norm.sup_field) if f is not None]
-    if not present or any(f != source.field for f in present):
+    if not norm.sum_field == norm.sup_field == source.field:  # another kind: nothing carried
         return norm
     carried = _carried_settings(source, norm, explicit)
     if carried:
@@ -525,13 +526,19 @@ def _build_target(source: NormSource, spec: NormSpec, overrides: Mapping[str, An
 
 
 def _field_settings(
-    source: NormSource, arguments: Mapping[str, Any], explicit: set[str]
+    source: NormSource,
+    factory_class: type[DivisiveNorm],
+    arguments: Mapping[str, Any],
+    explicit: set[str],
 ) -> dict[str, Any]:
     """In a LayerNorm(C)'s place the layer field is per position; in a GroupNorm's place a
-    group field takes its groups (unless the spec sets the field or the groups)."""
-    defaults = inspect.signature(DivisiveNorm).parameters
+    group field takes its groups (unless the spec sets the field or the groups). Only for
+    norms whose fields are arguments (not the fixed fields of a subclass such as gdn)."""
+    defaults = inspect.signature(factory_class).parameters
     settings: dict[str, Any] = {}
     for key in ("sum_field", "sup_field"):
+        if key not in defaults:
+            continue
         field = parse_field(arguments.get(key, defaults[key].default), key)
         if field is None or key in explicit:
             continue

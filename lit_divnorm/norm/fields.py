@@ -30,7 +30,11 @@ preset        batch      channels     positions
 ``group``     no         groups       all
 ``local``     no         all          window
 ``channel``   no         window       self
+``position``  no         all          self
 ============  =========  ===========  ===========
+
+``position`` spans the channels at one position: a ``LayerNorm(C)`` over each token or pixel,
+RMSNorm's and GDN's suppression field.
 """
 
 from __future__ import annotations
@@ -161,6 +165,7 @@ PRESETS: dict[str, Field] = {
     "group": Field(channels="groups", positions="all"),
     "local": Field(channels="all", positions="window"),
     "channel": Field(channels="window", positions="self"),
+    "position": Field(channels="all", positions="self"),
 }
 
 FieldSpec = Field | str | Mapping[str, Any] | None

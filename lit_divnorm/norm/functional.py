@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_divnorm.norm.fields import Field
+from lit_divnorm.norm.fields import Field, Window, normalize_window
 from lit_divnorm.norm.kernels.box import Border, box_mean
 from lit_divnorm.norm.ops import (
     centred_abs_mean,
@@ -44,6 +44,15 @@ DEFAULT_EPS = 1e-5
 def check_border(border: str) -> None:
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+
+
+def check_exponent(alpha: float, power: float) -> None:
+    """``alpha`` and ``power`` of the divisor: finite numbers ``> 0``."""
+    for name, value in (("alpha", alpha), ("power", power)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def check_input(x: Tensor, name: str = "x") -> None:
@@ -153,9 +162,11 @@ def divisive_norm(
     sum_field: Field | None,
     sup_field: Field | None,
     sigma: float | Tensor = 0.0,
-    eps: float = DEFAULT_EPS,
+    eps: float | Tensor = DEFAULT_EPS,
     border: Border = "valid",
     *,
+    alpha: float = 1.0,
+    power: float = 0.5,
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     training: bool = True,
@@ -167,7 +178,8 @@ def divisive_norm(
     backend: str = "auto",
     sync_batch: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The unified normalizer: ``y = (x - mean_A(x)) / sqrt(sigma^2 + eps + mean_B(v^2))``.
+    """The unified normalizer: ``y = (x - mean_A(x)) / sqrt(sigma^2 + eps + mean_B(v^2))``,
+    or with ``alpha`` and ``power`` ``y = v (sigma^2 + eps + alpha mean_B(v^2))^(-power)``.
 
     Args:
         x: ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)``.
@@ -175,8 +187,13 @@ def divisive_norm(
         sup_field: suppression field ``B``; ``None`` means mean subtraction only.
         sigma: smoothing term (``>= 0``; a float or a 0-d tensor, e.g. a learned one).
         eps: numerical floor added under the square root (positive by default, so that a
-            constant region gives a finite output even with ``sigma = 0``).
+            constant region gives a finite output even with ``sigma = 0``); a float or a 0-d
+            tensor (e.g. a learned one).
         border: ``"valid"`` or ``"reference"`` (see the module docstring).
+        alpha: scale of the suppression term (``> 0``; local response normalization's
+            ``alpha``: torch's ``LocalResponseNorm(n, alpha, beta, k)`` is ``alpha``, ``power =
+            beta``, ``sigma^2 + eps = k`` and ``border="reference"`` on a channel window).
+        power: exponent of the divisor (``> 0``; ``0.5``: the square root).
         running_mean, running_var: ``(C,)`` buffers for a field that spans the batch, as in
             :func:`torch.nn.functional.batch_norm`. When ``training``, the batch statistics
             are used and the buffers move towards them by ``momentum`` (the variance
@@ -204,28 +221,31 @@ def divisive_norm(
     check_border(border)
     if not isinstance(sigma, Tensor) and (not math.isfinite(sigma) or sigma < 0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-    if eps < 0:
+    if not isinstance(eps, Tensor) and eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     check_backend(backend)
     if not torch.compiler.is_compiling():  # the operators check the device when they run
+        check_exponent(alpha, power)  # (the layers check theirs when built)
         resolve_backend(backend, x)
     dtype = compute_dtype(x.dtype)
-    if isinstance(sigma, Tensor):
-        sigma = sigma.to(dtype)
+    sigma, eps = (t.to(dtype) if isinstance(t, Tensor) else t for t in (sigma, eps))
+    square_root = alpha == 1.0 and power == 0.5
     with full_precision(x.device.type):
-        if fused and _is_channel_local(sum_field) and _is_channel_local(sup_field):
+        if fused and square_root and _is_channel_local(sum_field) and _is_channel_local(sup_field):
             y, l1 = _local_norm(x, sum_field, sup_field, sigma, eps, border, return_l1, backend)
             y = _affine(y, weight, bias).to(x.dtype)
             return (y, l1) if return_l1 else y
         if fused and sum_field is None and _is_channel_window(sup_field):
             floor = sigma * sigma + eps
             width = sup_field.channel_window
-            y = channel_divisive_norm(x, width, floor, border, backend=backend)
+            y = channel_divisive_norm(
+                x, width, floor, border, alpha=alpha, power=power, backend=backend
+            )
             y = _affine(y, weight, bias).to(x.dtype)
             return (y, x.abs().mean(dtype=dtype)) if return_l1 else y
         y, l1 = _full_precision_norm(
-            x.to(dtype), sum_field, sup_field, sigma, eps, border, running_mean, running_var,
-            training, momentum, weight, bias, return_l1, fused, sync_batch,
+            x.to(dtype), sum_field, sup_field, sigma, eps, border, alpha, power, running_mean,
+            running_var, training, momentum, weight, bias, return_l1, fused, sync_batch,
         )  # fmt: skip
     y = y.to(x.dtype)
     return (y, l1) if return_l1 else y
@@ -236,8 +256,10 @@ def _full_precision_norm(
     sum_field: Field | None,
     sup_field: Field | None,
     sigma: float | Tensor,
-    eps: float,
+    eps: float | Tensor,
     border: Border,
+    alpha: float,
+    power: float,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     training: bool,
@@ -255,6 +277,7 @@ def _full_precision_norm(
     stats_in = (running_mean, running_var)
     running_mean, running_var = (None if t is None else t.to(x.dtype) for t in stats_in)
     stats = (running_mean, running_var, training, momentum)
+    square_root = alpha == 1.0 and power == 0.5
     y = l1 = None
     if fused and sum_field is not None and sup_field is None:  # mean subtraction only
         mean = _batch_statistic(
@@ -262,7 +285,7 @@ def _full_precision_norm(
         )
         y = _centred_affine(x, mean, weight, bias)
         l1 = centred_abs_mean(x, mean) if return_l1 else None
-    elif fused and not (sync_batch and _spans_batch(sum_field, sup_field)):
+    elif fused and square_root and not (sync_batch and _spans_batch(sum_field, sup_field)):
         y = _torch_norm(x, sum_field, sup_field, sigma, eps, weight, bias, *stats)
         if y is not None and return_l1:
             mean = None
@@ -272,7 +295,9 @@ def _full_precision_norm(
                 )
             l1 = x.abs().mean() if mean is None else centred_abs_mean(x, mean)
     if y is None:
-        y, v = _direct_norm(x, sum_field, sup_field, sigma, eps, border, *stats, sync_batch)
+        y, v = _direct_norm(
+            x, sum_field, sup_field, sigma, eps, border, *stats, sync_batch, alpha, power
+        )
         y = _affine(y, weight, bias)
         l1 = v.abs().mean() if return_l1 else None
     for original, used in zip(stats_in, (running_mean, running_var)):
@@ -312,15 +337,18 @@ def _direct_norm(
     sum_field: Field | None,
     sup_field: Field | None,
     sigma: float | Tensor,
-    eps: float,
+    eps: float | Tensor,
     border: Border,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     training: bool,
     momentum: float,
     sync_batch: bool = False,
+    alpha: float = 1.0,
+    power: float = 0.5,
 ) -> tuple[Tensor, Tensor]:
-    """The framework's equations term by term (the reference the fused paths are tested on)."""
+    """The framework's equations term by term (the reference the fused paths are tested on):
+    ``v = x - mean_A(x)``, ``y = v (sigma^2 + eps + alpha mean_B(v^2))^(-power)``."""
     v = x
     if sum_field is not None:
         mean = _batch_statistic(
@@ -335,7 +363,11 @@ def _direct_norm(
             v * v, sup_field, border, divisor, running_var, training, momentum, unbias, True,
             sync_batch,
         )  # fmt: skip
-        y = v * torch.rsqrt(energy + (sigma * sigma + eps))
+        floor = sigma * sigma + eps
+        if alpha == 1.0 and power == 0.5:
+            y = v * torch.rsqrt(energy + floor)
+        else:
+            y = v * torch.pow(energy * alpha + floor, -power)
     return y, v
 
 
@@ -388,7 +420,7 @@ def _torch_norm(
     sum_field: Field | None,
     sup_field: Field | None,
     sigma: float | Tensor,
-    eps: float,
+    eps: float | Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     running_mean: Tensor | None,
@@ -397,7 +429,9 @@ def _torch_norm(
     momentum: float,
 ) -> Tensor | None:
     """torch's own kernel where the two fields are one of bn/ln/in/gn, else ``None``."""
-    if sum_field is None or sup_field != sum_field or isinstance(sigma, Tensor):
+    if sum_field is None or sup_field != sum_field:
+        return None
+    if isinstance(sigma, Tensor) or isinstance(eps, Tensor):
         return None
     if sum_field.positions != "all":
         return None
@@ -433,7 +467,7 @@ def _local_norm(
     sum_field: Field,
     sup_field: Field,
     sigma: float | Tensor,
-    eps: float,
+    eps: float | Tensor,
     border: Border,
     with_l1: bool,
     backend: str,
@@ -453,3 +487,92 @@ def _local_norm(
         backend,
     )
     return (y.squeeze(1) if features else y), (l1 if with_l1 else None)
+
+
+def generalized_divisive_norm(
+    x: Tensor, beta: Tensor, gamma: Tensor, inverse: bool = False
+) -> Tensor:
+    """Generalized divisive normalization (Balle et al., ICLR 2016) at every position::
+
+        y_i = x_i / sqrt(beta_i + sum_j gamma_ij x_j^2)      (inverse: x_i * sqrt(...))
+
+    The sum runs over the channels at the unit's own position (the ``"position"`` field).
+
+    Shapes: ``x`` ``(N, C, *P)`` (or ``(N, C)``), ``beta`` ``(C,)`` and ``gamma`` ``(C, C)``
+    non-negative (``beta > 0`` for the forward transform); output ``x``'s shape and dtype,
+    computed in float32 or better.
+    """
+    check_input(x)
+    channels = x.shape[1]
+    if tuple(beta.shape) != (channels,) or tuple(gamma.shape) != (channels, channels):
+        raise ValueError(
+            f"generalized_divisive_norm needs beta of shape ({channels},) and gamma of shape "
+            f"({channels}, {channels}) for input {tuple(x.shape)}, got beta "
+            f"{tuple(beta.shape)} and gamma {tuple(gamma.shape)}"
+        )
+    dtype = compute_dtype(x.dtype)
+    with full_precision(x.device.type):
+        xc = x.to(dtype)
+        shape = (1, channels) + (1,) * (x.ndim - 2)
+        energy = torch.einsum("ij,nj...->ni...", gamma.to(dtype), xc * xc)
+        energy = energy + beta.to(dtype).view(shape)
+        y = xc * (torch.sqrt(energy) if inverse else torch.rsqrt(energy))
+    return y.to(x.dtype)
+
+
+def check_contrast_settings(window: Window, threshold: float, thresval: float) -> None:
+    """:func:`local_contrast_norm`'s settings: odd window sizes, ``threshold, thresval > 0``."""
+    for name, value in (("threshold", threshold), ("thresval", thresval)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    widths = normalize_window(window, "window")
+    if any(width % 2 == 0 for width in (widths if isinstance(widths, tuple) else (widths,))):
+        raise ValueError(
+            "local contrast normalization needs an odd window in every dimension (Torch7 "
+            f"centres its kernel on the unit), got window={window!r}"
+        )
+
+
+def local_contrast_norm(
+    x: Tensor,
+    window: Window = 9,
+    threshold: float = 1e-4,
+    thresval: float = 1e-4,
+    mean_floor: bool = False,
+) -> Tensor:
+    """Local contrast normalization as Torch7's ``nn.SpatialContrastiveNormalization`` with
+    its uniform kernel: a local ``window`` over all channels (the ``"local"`` field ``A``)::
+
+        v = x - mean_A(x)                           mean over the window inside the input
+        s = sqrt(sum_{k in A, inside} v_k^2 / |A|) / c,     c = |A inside the input| / |A|
+        y = v / (s if s > threshold else thresval)
+
+    ``c`` is Torch7's border coefficient: it makes the subtractive mean the mean over the
+    members inside the input (our ``"valid"`` averaging); Torch7 divides the local standard
+    deviation by the same ``c`` (not by ``sqrt(c)``), so near the border ``s`` is
+    ``sqrt(mean_A(v^2) / c)``, larger than the valid standard deviation by ``1 / sqrt(c)``.
+    With ``mean_floor`` the divisor is first raised to the mean of ``s`` over the positions of
+    each sample, ``max(s, mean s)`` (Jarrett et al., ICCV 2009), which Torch7 does not do.
+
+    Shapes: ``x`` ``(N, C, *P)`` (``(N, C)``: the features read as one row of positions);
+    ``window`` an odd int or one odd int per positional dimension; output ``x``'s shape and
+    dtype. ``threshold`` and ``thresval`` must be ``> 0``.
+    """
+    check_input(x)
+    check_contrast_settings(window, threshold, thresval)
+    field = Field(channels="all", positions="window", window=window)
+    dtype = compute_dtype(x.dtype)
+    with full_precision(x.device.type):
+        xc = x.to(dtype)
+        v = xc - field_mean(xc, field, "valid")
+        inside = field_mean(torch.ones_like(xc[:1]), field, "reference")
+        energy = field_mean(v * v, field, "reference")
+        # below threshold * c the divisor is thresval anyway; the floor keeps sqrt's gradient finite
+        std = torch.sqrt(torch.maximum(energy, (threshold * inside) ** 2)) / inside
+        if mean_floor:
+            positions = tuple(range(2, std.ndim)) if x.ndim > 2 else (1,)
+            std = torch.maximum(std, std.mean(dim=positions, keepdim=True))
+        y = v / torch.where(std > threshold, std, thresval)
+    return y.to(x.dtype)

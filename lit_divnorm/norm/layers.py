@@ -5,6 +5,7 @@ two fields (see :mod:`lit_divnorm.norm.fields`)::
 
     v = x - mean_A(x)
     y = gamma * v / sqrt(sigma^2 + eps + mean_B(v^2)) + beta
+    y = gamma * v * (sigma^2 + eps + alpha mean_B(v^2))^(-power) + beta   (alpha, power set)
 
 Shapes: input ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)`` with ``C = num_features``;
 output the same.
@@ -20,7 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_divnorm.norm.fields import Field, FieldSpec, Window, normalize_window, parse_field
-from lit_divnorm.norm.functional import Border, check_border, check_input, divisive_norm
+from lit_divnorm.norm.functional import (
+    Border,
+    check_border,
+    check_exponent,
+    check_input,
+    divisive_norm,
+)
 from lit_divnorm.norm.ops import check_backend
 from lit_divnorm.norm.sparsity import record_sparsity
 
@@ -41,11 +48,19 @@ class DivisiveNorm(nn.Module):
         learn_sigma: learn ``sigma`` (kept positive as ``softplus`` of a free parameter;
             needs ``sigma > 0`` to start from).
         affine: learn a per-channel ``gamma`` (init 1) and ``beta`` (init 0).
+        bias: with ``affine``, learn ``beta`` too (``False``: ``gamma`` only, as RMSNorm).
         l1: weight ``alpha`` of the sparsity penalty ``alpha * mean|v|`` recorded on each
             training forward (see :mod:`lit_divnorm.norm.sparsity`).
         window: positional window of every local field (an int, or one int per dimension).
         sum_window, sup_window: the window of one field only (win over ``window``).
         groups: number of channel groups of every field with ``channels="groups"``.
+        channel_window: width of every field with ``channels="window"`` (LRN's ``n``).
+        alpha: scale of the suppression term, ``> 0`` (LRN's ``alpha``).
+        power: exponent of the divisor, ``> 0`` (``0.5``: the square root; LRN's ``beta``).
+            Torch's ``LocalResponseNorm(n, alpha, beta, k)`` is ``build_norm("lrn", C,
+            channel_window=n, alpha=alpha, power=beta, sigma=0, eps=k, border="reference")``
+            (``sigma^2 + eps = k``) for odd ``n``; an even window has one more channel after
+            the unit than before it, torch's one more before.
         border: ``"valid"`` (average over positions inside the input) or ``"reference"``
             (the authors' zero padding and divisors).
         momentum: update rate of the running statistics of fields that span the batch
@@ -76,11 +91,15 @@ class DivisiveNorm(nn.Module):
         sigma: float = 0.5,
         learn_sigma: bool = False,
         affine: bool = False,
+        bias: bool = True,
         l1: float = 0.0,
         window: Window | None = None,
         sum_window: Window | None = None,
         sup_window: Window | None = None,
         groups: int | None = None,
+        channel_window: int | None = None,
+        alpha: float = 1.0,
+        power: float = 0.5,
         border: Border = "valid",
         momentum: float = 0.1,
         eps: float = 1e-5,
@@ -97,6 +116,7 @@ class DivisiveNorm(nn.Module):
         _check_number("l1", l1, low=0.0)
         _check_number("eps", eps, low=0.0)
         _check_number("momentum", momentum, low=0.0, high=1.0)
+        check_exponent(alpha, power)
         check_border(border)
         check_backend(backend)
         if learn_sigma and sigma <= 0:
@@ -106,12 +126,15 @@ class DivisiveNorm(nn.Module):
         sup_spec = parse_field(sup_field, "sup_field")
         sum_spec, sup_spec = _apply_windows(sum_spec, sup_spec, window, sum_window, sup_window)
         sum_spec, sup_spec = _apply_groups(sum_spec, sup_spec, groups, num_features)
+        sum_spec, sup_spec = _apply_channel_window(sum_spec, sup_spec, channel_window)
 
         self.num_features = num_features
         self.sum_field = sum_spec
         self.sup_field = sup_spec
         self.learn_sigma = learn_sigma
         self.affine = affine
+        self.alpha = float(alpha)
+        self.power = float(power)
         self.l1 = float(l1)
         self.border = border
         self.momentum = float(momentum)
@@ -123,12 +146,12 @@ class DivisiveNorm(nn.Module):
             self.raw_sigma = nn.Parameter(torch.tensor(_inverse_softplus(float(sigma))))
         else:
             self.fixed_sigma = float(sigma)
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(num_features))
         for name, field in (("running_mean", sum_spec), ("running_var", sup_spec)):
             if field is not None and field.batch:
                 init = torch.zeros if name == "running_mean" else torch.ones
@@ -149,7 +172,11 @@ class DivisiveNorm(nn.Module):
         if self.running_var is not None:
             self.running_var.fill_(1.0)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _floor_terms(self) -> tuple[float | Tensor, float | Tensor]:
+        """``(sigma, eps)``: the floor ``sigma^2 + eps`` under the divisor."""
+        return self.sigma, self.eps
+
+    def _check_input(self, x: Tensor) -> None:
         check_input(x, "input")
         if x.shape[1] != self.num_features:
             raise ValueError(
@@ -161,14 +188,20 @@ class DivisiveNorm(nn.Module):
                 f"{type(self).__name__} input holds NaN or inf (check_finite=True), "
                 f"shape {tuple(x.shape)}"
             )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         with_l1 = self.l1 > 0 and self.training
+        sigma, eps = self._floor_terms()
         outputs = divisive_norm(
             x,
             self.sum_field,
             self.sup_field,
-            self.sigma,
-            self.eps,
+            sigma,
+            eps,
             self.border,
+            alpha=self.alpha,
+            power=self.power,
             running_mean=self.running_mean,
             running_var=self.running_var,
             training=self.training,
@@ -195,7 +228,10 @@ class DivisiveNorm(nn.Module):
             f"sum_field={field(self.sum_field)}",
             f"sup_field={field(self.sup_field)}",
             *([f"sigma={sigma}"] if self.sup_field is not None else []),
+            *([f"alpha={self.alpha}"] if self.alpha != 1.0 else []),
+            *([f"power={self.power}"] if self.power != 0.5 else []),
             f"affine={self.affine}",
+            *(["bias=False"] if self.affine and self.bias is None else []),
             f"l1={self.l1}",
             f"border={self.border}",
             f"eps={self.eps}",
@@ -259,4 +295,24 @@ def _apply_groups(
     for field in (sum_field, sup_field):
         if field is not None and field.channels == "groups" and num_features % field.groups:
             raise ValueError(f"groups={field.groups} must divide num_features={num_features}")
+    return sum_field, sup_field
+
+
+def _apply_channel_window(
+    sum_field: Field | None, sup_field: Field | None, channel_window: int | None
+) -> tuple[Field | None, Field | None]:
+    if channel_window is None:
+        return sum_field, sup_field
+    windowed = [f for f in (sum_field, sup_field) if f is not None and f.channels == "window"]
+    if not windowed:
+        raise ValueError(
+            f"channel_window={channel_window!r} given, but neither field has channels='window' "
+            f"(sum_field={sum_field}, sup_field={sup_field})"
+        )
+    sum_field = (
+        sum_field.replace(channel_window=channel_window) if sum_field in windowed else sum_field
+    )
+    sup_field = (
+        sup_field.replace(channel_window=channel_window) if sup_field in windowed else sup_field
+    )
     return sum_field, sup_field

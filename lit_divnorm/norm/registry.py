@@ -8,9 +8,9 @@ Defaults follow the paper (PAPER.md section 2, CIFAR-10 column): "-s" adds ``sig
 adds the L1 penalty, "*" both; LN-s, LN* and every DN variant have no affine ``gamma, beta``.
 Plain bn / ln / in / gn use ``sigma=0`` with ``eps=1e-5`` and so equal torch's layers.
 
-=============  ===========  ===========  =====  ======  =====
-name           sum_field    sup_field    sigma  affine  l1
-=============  ===========  ===========  =====  ======  =====
+=============  ===========  ===========  =====  ======  =====  ================================
+name           sum_field    sup_field    sigma  affine  l1     also
+=============  ===========  ===========  =====  ======  =====  ================================
 none           (identity)
 baseline-l1    none         none         -      no      0.01
 bn             batch        batch        0      yes     0
@@ -29,9 +29,23 @@ dnms           local        none         -      no      0
 in             instance     instance     0      yes     0
 gn             group (32)   group (32)   0      yes     0
 lrn            none         channel (5)  1.0    no      0
-=============  ===========  ===========  =====  ======  =====
+lrn-alexnet    none         channel (5)  0      no      0      alpha 1e-4, power 0.75, eps 2
+rmsnorm        none         position     0      gamma   0      eps 1e-6
+frn            none         instance     0      yes     0      eps 1e-6, TLU max(y, tau)
+gdn, igdn      none         position     -      no      0      learned beta, gamma (C, C)
+lcn            local (9)    local (9)    -      no      0      Torch7's threshold 1e-4
+=============  ===========  ===========  =====  ======  =====  ================================
 
-Local windows default to 3; models pass their per-layer windows with ``layer_window``.
+Beyond the paper (see :mod:`lit_divnorm.norm.other_norms`): ``lrn-alexnet`` equals torch's
+``LocalResponseNorm(5, 1e-4, 0.75, 2)``; ``rmsnorm`` equals ``torch.nn.RMSNorm(C)`` over the
+channels at each position (``gamma`` only, no ``beta``); ``frn`` is filter response
+normalization with its TLU (Singh & Krishnan 2020); ``gdn``/``igdn`` are Balle et al.'s GDN and
+its inverse; ``lcn`` is Torch7's ``SpatialContrastiveNormalization``. Every DivisiveNorm takes
+``alpha`` and ``power`` (``y = v (sigma^2 + eps + alpha mean_B(v^2))^(-power)``) and
+``channel_window`` (the width of a channel-window field).
+
+Local windows default to 3 (lcn's to Torch7's 9); models pass their per-layer windows with
+``layer_window``.
 """
 
 from __future__ import annotations
@@ -45,6 +59,11 @@ from torch import nn
 
 from lit_divnorm.norm.fields import Window, parse_field
 from lit_divnorm.norm.layers import DivisiveNorm
+from lit_divnorm.norm.other_norms import (
+    FilterResponseNorm,
+    GeneralizedDivisiveNorm,
+    LocalContrastNorm,
+)
 
 NormFactory = Callable[..., nn.Module]
 NormSpec = str | Mapping[str, Any] | NormFactory | None
@@ -141,19 +160,19 @@ def _base_callable(factory: NormFactory) -> tuple[Callable[..., Any], dict[str, 
 
 
 def _uses_window(factory: NormFactory, kwargs: Mapping[str, Any]) -> bool:
+    """Whether the norm takes ``window``: a DivisiveNorm when one of its fields is local, any
+    other factory (a DivisiveNorm subclass with fixed fields too) when it has the argument."""
     base, keywords = _base_callable(factory)
-    if isinstance(base, type) and issubclass(base, DivisiveNorm):
-        params = inspect.signature(DivisiveNorm).parameters
-        merged = {**keywords, **kwargs}
-        fields = [
-            parse_field(merged.get(name, params[name].default), name)
-            for name in ("sum_field", "sup_field")
-        ]
-        return any(f is not None and f.is_local for f in fields)
     try:
-        return "window" in inspect.signature(base).parameters
+        params = inspect.signature(base).parameters
     except (TypeError, ValueError):
         return False
+    field_names = [name for name in ("sum_field", "sup_field") if name in params]
+    if isinstance(base, type) and issubclass(base, DivisiveNorm) and field_names:
+        merged = {**keywords, **kwargs}
+        fields = [parse_field(merged.get(name, params[name].default), name) for name in field_names]
+        return any(f is not None and f.is_local for f in fields)
+    return "window" in params
 
 
 def _check_overrides(spec: NormSpec, factory: NormFactory, kwargs: Mapping[str, Any]) -> None:
@@ -194,3 +213,13 @@ register_norm("dnms", _entry("local", None, affine=False))
 register_norm("in", _entry("instance", "instance", sigma=0.0, affine=True))
 register_norm("gn", _entry("group", "group", sigma=0.0, affine=True))
 register_norm("lrn", _entry(None, "channel", sigma=1.0, affine=False))
+# AlexNet's constants: n = 5, alpha = 1e-4, beta = 0.75, k = sigma^2 + eps = 2, zero padding / n
+register_norm(
+    "lrn-alexnet",
+    _entry(None, "channel", sigma=0.0, eps=2.0, alpha=1e-4, power=0.75, border="reference"),
+)
+register_norm("rmsnorm", _entry(None, "position", sigma=0.0, eps=1e-6, affine=True, bias=False))
+register_norm("frn", FilterResponseNorm)
+register_norm("gdn", functools.partial(GeneralizedDivisiveNorm, inverse=False))
+register_norm("igdn", functools.partial(GeneralizedDivisiveNorm, inverse=True))
+register_norm("lcn", LocalContrastNorm)
