@@ -4,7 +4,11 @@
   products, running sums in float64 beyond ``MATRIX_MAX_LENGTH``);
 - :mod:`.eager`: local DN and the channel-window field in eager PyTorch, forward and backward
   (every device; what ``backend="compile"`` compiles);
-- :mod:`.cpu` and ``dn_cpu.cpp``: the same in C++ for CPU tensors, plus the fused LSTM's steps.
+- :mod:`.cpu` and ``dn_cpu.cpp``: the same in C++ for CPU tensors, plus the fused LSTM's steps;
+- :mod:`.triton`: the same in Triton for CUDA tensors (CPU tensors in Triton's interpreter).
+
+The fused LSTM's steps have their eager counterpart in :mod:`lit_divnorm.models.fused_rnn` and
+their term-by-term reference in :mod:`lit_divnorm.models.rnn`.
 
 :mod:`lit_divnorm.norm.ops` chooses among them; :mod:`lit_divnorm.norm.functional` holds the
 term-by-term reference they are tested against.
