@@ -4,8 +4,9 @@
   steps and at the end of every training epoch (atomically, through the
   :class:`~lit_divnorm.checkpoint.AtomicCheckpointIO` that ``DivNormCLI`` installs), together
   with the random-number-generator states, so ``lit-divnorm fit ... --ckpt_path last``
-  continues a killed run and, from an epoch-end checkpoint, replays the same data order and
-  ends with the same weights as an uninterrupted run.
+  continues a killed run from any of its checkpoints and ends with the same weights as an
+  uninterrupted run (Lightning stores the position of the project's training loaders,
+  :class:`~datamodules.order.ResumableLoader`, in the same file).
 * :class:`NonFiniteDetector` (opt-in) stops training with :class:`NonFiniteError` when the
   loss or a gradient is NaN/inf, naming the global step and the first layer (in execution
   order) whose output went non-finite, instead of training on garbage.
@@ -69,10 +70,12 @@ class ResumeCheckpoint(ModelCheckpoint):
             ``dirpath``) so that a resumed run finds the folder of the killed one.
         every_n_train_steps: optimizer steps between checkpoints (0: epoch ends only).
 
-    The checkpoint also stores the RNG states (torch, CUDA, numpy, Python): resuming from an
-    epoch-end checkpoint draws the same shuffles and dropout masks as the uninterrupted run.
-    A step checkpoint in the middle of an epoch resumes the counters and weights, but the
-    partly seen epoch's data order is not replayed.
+    The checkpoint also stores the RNG states (torch, CUDA, numpy, Python), restored before
+    the first batch after a resume, so dropout masks continue as in the uninterrupted run;
+    with the project's datamodules the data order, augmentation and (PTB) the carried hidden
+    state continue too, from a checkpoint at any step, mid-epoch included. A datamodule whose
+    train loader keeps no state (a plain ``DataLoader``) is replayed exactly only from an
+    epoch-end checkpoint.
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000) -> None:
