@@ -1,7 +1,7 @@
 """Callbacks for long unattended runs: resumable checkpoints and a non-finite detector.
 
 * :class:`ResumeCheckpoint` writes ``last.ckpt`` every ``every_n_train_steps`` optimizer
-  steps and at the end of every training epoch (atomically, through the
+  steps and after the last batch of every training epoch (atomically, through the
   :class:`~lit_divnorm.checkpoint.AtomicCheckpointIO` that ``DivNormCLI`` installs), together
   with the random-number-generator states, so ``lit-divnorm fit ... --ckpt_path last``
   continues a killed run from any of its checkpoints and ends with the same weights as an
@@ -62,7 +62,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 class ResumeCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` steps and at every training epoch end.
+    """``last.ckpt`` every ``every_n_train_steps`` steps and after every epoch's last batch.
 
     Args:
         dirpath: folder of ``last.ckpt``; ``None`` is Lightning's default
@@ -99,14 +99,23 @@ class ResumeCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Save every ``every_n_train_steps`` steps and after the last batch of every epoch.
+
+        The epoch's checkpoint is written at the end of its last batch rather than in
+        ``on_train_epoch_end``: Lightning resumes a batch-end checkpoint into the next epoch
+        with the right epoch number and step counter in every case, whereas a step-limited
+        run (``max_steps``) resumed from an ``on_train_epoch_end`` checkpoint counts that
+        epoch twice (its next epoch would read another epoch's data order).
+        """
+        if not self._fitting(trainer) or self._last_global_step_saved == trainer.global_step:
+            return
         every = self._every_n_train_steps
-        if every >= 1 and trainer.global_step % every == 0 and self._fitting(trainer):
-            if self._last_global_step_saved != trainer.global_step:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        at_step = every >= 1 and trainer.global_step % every == 0
+        if at_step or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._fitting(trainer):  # also when a step checkpoint fell on the same step
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return None
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         return None
