@@ -99,7 +99,9 @@ class ResumeCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Save every ``every_n_train_steps`` steps and after the last batch of every epoch.
+        """Save every ``every_n_train_steps`` steps, after the last batch of every epoch and
+        at the final step (``max_steps``), so ``last.ckpt`` holds the weights training ended
+        with.
 
         The epoch's checkpoint is written at the end of its last batch rather than in
         ``on_train_epoch_end``: Lightning resumes a batch-end checkpoint into the next epoch
@@ -109,9 +111,12 @@ class ResumeCheckpoint(ModelCheckpoint):
         """
         if not self._fitting(trainer) or self._last_global_step_saved == trainer.global_step:
             return
-        every = self._every_n_train_steps
-        at_step = every >= 1 and trainer.global_step % every == 0
-        if at_step or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        every, step = self._every_n_train_steps, trainer.global_step
+        at_step = every >= 1 and step % every == 0
+        at_end = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
+            trainer.max_steps != -1 and step >= trainer.max_steps
+        )
+        if at_step or at_end:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

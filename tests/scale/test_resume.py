@@ -200,7 +200,16 @@ def test_resume_from_a_later_epoch_would_differ(setting):
         _assert_same_end({"state": cli.model.state_dict(), "metrics": {}, "step": 12}, whole)
 
 
-def test_checkpoints_every_n_steps_and_at_epoch_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        ("--trainer.max_epochs=2", [(3, 0), (4, 0), (6, 1), (8, 1)]),  # every 3, epoch ends
+        ("--trainer.max_steps=5", [(3, 0), (4, 0), (5, 1)]),  # and the final step, mid-epoch
+    ],
+)
+def test_checkpoints_every_n_steps_at_epoch_ends_and_the_end(
+    tmp_path, monkeypatch, limit, expected
+):
     data = write_cifar10(tmp_path / "data", batches=(1,), n=32)
     saved: list[tuple[int, int]] = []
     original = AtomicCheckpointIO.save_checkpoint
@@ -216,12 +225,11 @@ def test_checkpoints_every_n_steps_and_at_epoch_end(tmp_path, monkeypatch):
             "fit",
             "--config",
             str(config),
-            "--trainer.max_epochs=2",
+            limit,
             "--trainer.callbacks.init_args.every_n_train_steps=3",
         ]
     )
-    # steps 3, 6 (every 3) and epoch ends at steps 4, 8
-    assert saved == [(3, 0), (4, 0), (6, 1), (8, 1)]
+    assert saved == expected
     assert sorted(p.name for p in (tmp_path / "every3" / "ckpt").iterdir()) == ["last.ckpt"]
 
 
