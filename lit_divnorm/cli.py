@@ -52,6 +52,7 @@ from lit_divnorm.runs import (
 )
 
 DEFAULT_SAVE_DIR = "runs"
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # resolved by Lightning or here
 MANAGED_LOGGERS = (CSVLogger, TensorBoardLogger)
 
 
@@ -72,11 +73,13 @@ class DivNormCLI(LightningCLI):
     (``fit --ckpt_path last``) or ``<subcommand>_<N>`` (``test``, ...: then a named version
     says which run ``--ckpt_path last`` takes the checkpoint of); ``default_root_dir``
     (where Lightning's SLURM requeue checkpoints go) defaults to the run folder. A ``fit``
-    without ``--ckpt_path`` refuses a named version folder that already holds files.
+    that does not continue a folder's own run (``--ckpt_path last`` or a checkpoint inside
+    it) refuses a run folder that already holds files.
     """
 
     _run_dir: Path | None = None  # the folder this run logs to, when managed
     _source_dir: Path | None = None  # the run folder whose checkpoints "last" may take
+    _last: tuple[str, int] | None = None  # what "last" resolved to: (path, step)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # raise parsing errors (friendly_errors prints them in one paragraph) instead of
@@ -97,7 +100,7 @@ class DivNormCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
             return
         hparams = dict(load_checkpoint_safely(ckpt_path).get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
@@ -119,7 +122,7 @@ class DivNormCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Name the run folder after the experiment (see the class docstring)."""
-        self._run_dir = self._source_dir = None
+        self._run_dir = self._source_dir = self._last = None
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -169,20 +172,24 @@ class DivNormCLI(LightningCLI):
             named = experiment_dir / _version_name(version) if version is not None else None
             self._source_dir = named or latest_resumable(experiment_dir)
             return next_version(experiment_dir, prefix=subcommand)
+        run_of_checkpoint = (
+            _run_of_checkpoint(Path(ckpt_path), experiment_dir)
+            if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS
+            else None
+        )
         if version is not None:
             run_dir = experiment_dir / _version_name(version)
         elif not is_rank_zero() and os.environ.get(RUN_DIR_VARIABLE):
             run_dir = Path(os.environ[RUN_DIR_VARIABLE])  # the folder rank 0 chose
         elif ckpt_path == "last":
             run_dir = latest_resumable(experiment_dir) or next_version(experiment_dir)
-        elif ckpt_path and _run_of_checkpoint(Path(ckpt_path), experiment_dir) is not None:
-            run_dir = _run_of_checkpoint(Path(ckpt_path), experiment_dir)
         else:
-            run_dir = next_version(experiment_dir)
+            run_dir = run_of_checkpoint or next_version(experiment_dir)
         if is_rank_zero():
             os.environ[RUN_DIR_VARIABLE] = str(run_dir)  # inherited by the ranks it launches
             present = holds_files(run_dir)
-            if not ckpt_path and present:
+            continues = ckpt_path in ("last", "hpc") or run_of_checkpoint == run_dir
+            if present and not continues:
                 raise ValueError(
                     f"run folder {str(run_dir)!r} already holds a run ({', '.join(present[:5])}); "
                     "a new run never writes into another run's folder. Continue it with "
@@ -202,11 +209,15 @@ class DivNormCLI(LightningCLI):
         logger = self.trainer.logger
         if subcommand == "fit" and isinstance(logger, RunCSVLogger) and self._run_dir:
             ckpt_path = kwargs.get("ckpt_path")
-            resumed = (
-                ckpt_path is not None
-                and _run_of_checkpoint(Path(ckpt_path), self._run_dir.parent) == self._run_dir
-            )
-            logger.supersede_from(checkpoint_step(ckpt_path) if resumed else 0)
+            if ckpt_path is None or ckpt_path in SPECIAL_CKPT_PATHS:
+                step = 0
+            elif self._last is not None and self._last[0] == ckpt_path:
+                step = self._last[1]
+            elif _run_of_checkpoint(Path(ckpt_path), self._run_dir.parent) == self._run_dir:
+                step = checkpoint_step(ckpt_path)
+            else:
+                step = 0  # another run's weights: this folder's history starts over
+            logger.supersede_from(step)
         return kwargs
 
     def _resolve_last(self, subcommand: str) -> str | None:
@@ -236,6 +247,7 @@ class DivNormCLI(LightningCLI):
         step = checkpoint_step(chosen)
         action = "resuming from" if subcommand == "fit" else f"{subcommand} with"
         _say(f"{action} {chosen} (step {step})")
+        self._last = (str(chosen), step)
         return str(chosen)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
