@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from lit_divnorm.norm import Field, divisive_norm
+from lit_divnorm.norm import Field, build_norm, divisive_norm
 from lit_divnorm.norm.kernels import box, cpu
 from lit_divnorm.norm.ops import local_divisive_norm
 from tests.norm.reference import RefField, ref_divisive_norm
@@ -80,6 +83,65 @@ def test_non_contiguous_input_and_gradient():
     y_plain.backward(torch.ones_like(y_plain))
     torch.testing.assert_close(y, y_plain)
     torch.testing.assert_close(x.grad, plain.grad)
+
+
+def test_channels_last_input_gives_a_channels_last_output():
+    x = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last).requires_grad_(True)
+    y, _ = local_divisive_norm(x, (3, 3), (3, 3), 0.25, backend="native")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_sigma_zero_on_a_constant_region_is_finite():
+    """A constant map has no spread: the default eps keeps ``1 / sqrt(e + floor)`` finite."""
+    x = torch.full((2, 4, 6, 6), 3.0, requires_grad=True)
+    norm = build_norm("dn", 4, window=3, sigma=0.0)
+    y = norm(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y, torch.zeros_like(y))  # x - mean(x) = 0 everywhere
+    field = Field(channels="all", positions="window", window=3)
+    assert torch.isfinite(divisive_norm(x.detach(), field, field, sigma=0.0)).all()
+
+
+def test_cache_key_covers_the_cpu_description_on_aarch64():
+    """aarch64's cpuinfo has no x86 ``flags`` line: its ``Features`` and part numbers key the
+    cache, and the per-core lines (processor, BogoMIPS) do not."""
+    arm = "processor\t: {n}\nBogoMIPS\t: {mips}\nFeatures\t: fp asimd {extra}\nCPU part\t: 0xd0c\n"
+    one = cpu._cpu_identity(
+        arm.format(n=0, mips=50, extra="sve") + arm.format(n=1, mips=51, extra="sve")
+    )
+    same = cpu._cpu_identity(arm.format(n=0, mips=49, extra="sve"))
+    other = cpu._cpu_identity(arm.format(n=0, mips=50, extra="sve2"))
+    assert "Features : fp asimd sve" in one and "0xd0c" in one
+    assert one == same and one != other
+
+
+def test_two_processes_building_at_once_compile_once_and_both_load(tmp_path):
+    """Two fresh processes, one empty cache: the file lock lets one compile while the other
+    waits, then both load the same library (a compiler wrapper counts the compiles)."""
+    log = tmp_path / "compiles.log"
+    wrapper = tmp_path / "cxx"
+    compiler = cpu._compiler()
+    wrapper.write_text(
+        f'#!/bin/sh\ncase "$*" in *-o*) echo x >> {log};; esac\nexec {compiler} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    env = {**os.environ, "LIT_DIVNORM_CACHE": str(tmp_path / "cache"), "CXX": str(wrapper),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    script = (
+        "from lit_divnorm.norm.kernels import cpu; print(cpu.available(), cpu._library()._name)"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0].split() for p in processes]
+    assert all(p.returncode == 0 for p in processes)
+    assert [out[0] for out in outputs] == ["True", "True"]
+    assert outputs[0][1] == outputs[1][1]  # the same library file
+    assert log.read_text().count("x") == 1
 
 
 def test_thread_count_does_not_change_the_result():

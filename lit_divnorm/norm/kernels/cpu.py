@@ -86,14 +86,16 @@ def _compiler() -> str | None:
 _VOLATILE_CPU_KEYS = ("processor", "cpu mhz", "bogomips", "core id", "apicid", "initial apicid")
 
 
-def _cpu_identity() -> str:
+def _cpu_identity(cpuinfo: str | None = None) -> str:
     """What ``-march=native`` depends on: the machine and its CPU description (x86's
     ``flags`` and model, aarch64's ``Features`` and part numbers, ...), every distinct line of
-    ``/proc/cpuinfo`` but the per-core and per-moment ones."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = [platform.processor()]
+    ``/proc/cpuinfo`` (or of ``cpuinfo``) but the per-core and per-moment ones."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = platform.processor()
+    lines = cpuinfo.splitlines()
     kept = {
         " ".join(line.split())
         for line in lines
