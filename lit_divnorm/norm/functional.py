@@ -32,6 +32,8 @@ from lit_divnorm.norm.ops import (
     channel_divisive_norm,
     check_backend,
     compute_dtype,
+    field_kernel_applies,
+    field_norm,
     full_precision,
     local_divisive_norm,
     resolve_backend,
@@ -245,7 +247,7 @@ def divisive_norm(
             return (y, x.abs().mean(dtype=dtype)) if return_l1 else y
         y, l1 = _full_precision_norm(
             x.to(dtype), sum_field, sup_field, sigma, eps, border, alpha, power, running_mean,
-            running_var, training, momentum, weight, bias, return_l1, fused, sync_batch,
+            running_var, training, momentum, weight, bias, return_l1, fused, sync_batch, backend,
         )  # fmt: skip
     y = y.to(x.dtype)
     return (y, l1) if return_l1 else y
@@ -269,9 +271,11 @@ def _full_precision_norm(
     return_l1: bool,
     fused: bool,
     sync_batch: bool,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
-    """The fields torch's own kernels cover, or the equations term by term, on ``x`` in its
-    compute dtype (parameters and running statistics are brought to it and written back)."""
+    """The fields over whole groups of units (the C++ kernel where it applies, torch's own
+    kernels), or the equations term by term, on ``x`` in its compute dtype (parameters and
+    running statistics are brought to it and written back)."""
     weight = None if weight is None else weight.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
     stats_in = (running_mean, running_var)
@@ -279,7 +283,14 @@ def _full_precision_norm(
     stats = (running_mean, running_var, training, momentum)
     square_root = alpha == 1.0 and power == 0.5
     y = l1 = None
-    if fused and sum_field is not None and sup_field is None:  # mean subtraction only
+    if fused and square_root:
+        fields = (sum_field, sup_field)
+        y, l1 = _whole_group_kernel(
+            x, *fields, sigma, eps, weight, bias, *stats, return_l1, backend, sync_batch
+        )
+    if y is not None:
+        pass
+    elif fused and sum_field is not None and sup_field is None:  # mean subtraction only
         mean = _batch_statistic(
             x, sum_field, border, None, running_mean, training, momentum, None, True, sync_batch
         )
@@ -320,6 +331,64 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     if weight is not None:
         return y * weight.view(shape)
     return y + bias.view(shape)
+
+
+def _whole_groups(field: Field, channels: int) -> int | None:
+    """The C++ field kernel's ``groups`` for a field over whole groups of units (0: each
+    channel over the batch), or ``None`` for any other field."""
+    if field.positions != "all":
+        return None
+    if field.batch:
+        return 0 if field.channels == "self" else None
+    groups = {"all": 1, "self": channels, "groups": field.groups}.get(field.channels)
+    return groups if groups and channels % groups == 0 else None
+
+
+def _whole_group_kernel(
+    x: Tensor,
+    sum_field: Field | None,
+    sup_field: Field | None,
+    sigma: float | Tensor,
+    eps: float | Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    return_l1: bool,
+    backend: str,
+    sync_batch: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """bn/ln/in/gn-type fields in the C++ kernel of :func:`lit_divnorm.norm.ops.field_norm`
+    where torch's own kernels fall short: with an L1 term, mean subtraction only, no
+    centring, or a learned sigma. ``(None, None)`` where it does not apply."""
+    field = sum_field or sup_field
+    plain = not return_l1 and sum_field == sup_field
+    plain = plain and not isinstance(sigma, Tensor) and not isinstance(eps, Tensor)
+    if field is None or plain or (sum_field and sup_field and sum_field != sup_field):
+        return None, None
+    groups = _whole_groups(field, x.shape[1])
+    if groups is None or not field_kernel_applies(x, backend):
+        return None, None
+    if field.batch and (
+        sync_world_size(sync_batch) > 1 or (not training and running_mean is not None)
+    ):
+        return None, None  # synchronized statistics, or eval with running statistics
+    if field.batch and training:
+        _check_batch_size(x)
+    centre, scale = sum_field is not None, sup_field is not None
+    floor = sigma * sigma + eps
+    y, l1, stats = field_norm(x, groups, centre, scale, floor, weight, bias, return_l1)
+    if field.batch and training:
+        count = x.numel() // x.shape[1]
+        with torch.no_grad():
+            if running_mean is not None and centre:
+                running_mean.lerp_(stats[0], momentum)
+            if running_var is not None and scale:
+                unbias = count / (count - 1) if centre else 1.0
+                running_var.lerp_(stats[1] * unbias, momentum)
+    return y, (l1 if return_l1 else None)
 
 
 def _centred_affine(x: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -294,6 +294,69 @@ def local_divisive_norm(
     return _LocalDivisiveNorm.apply(x, floor, config, with_l1, backend)
 
 
+# ---- fields over whole groups of units (batch, layer, instance, group) in one C++ kernel ----
+
+
+def field_kernel_applies(x: Tensor, backend: str) -> bool:
+    """Whether :func:`field_norm` runs for ``x``: float32/float64 on the CPU with the C++
+    kernels (backend ``auto`` or ``native``), outside ``torch.compile``."""
+    return (
+        backend in ("auto", "native")
+        and x.is_cpu
+        and x.dtype in cpu.DTYPES
+        and not torch.compiler.is_compiling()
+        and cpu.available()
+    )
+
+
+class _FieldNorm(torch.autograd.Function):
+    """:func:`lit_divnorm.norm.kernels.cpu.field_forward` with its hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x, floor, weight, bias, groups, centre, scale, with_l1):  # type: ignore[override]
+        y, stats, total = cpu.field_forward(
+            x, groups, centre, scale, float(floor), weight, bias, with_l1
+        )
+        ctx.save_for_backward(x, stats, weight)
+        ctx.args = (groups, centre, scale, with_l1, floor)
+        l1 = x.new_tensor(total / max(x.numel(), 1))
+        if not with_l1:
+            ctx.mark_non_differentiable(l1)
+        ctx.mark_non_differentiable(stats)
+        return y, l1, stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_l1, grad_stats):  # type: ignore[override]
+        x, stats, weight = ctx.saved_tensors
+        groups, centre, scale, with_l1, floor = ctx.args
+        coef = float(grad_l1) / max(x.numel(), 1) if with_l1 else 0.0
+        affine = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        grad_x, grad_w, grad_b, grad_floor = cpu.field_backward(
+            grad_y, x, stats, weight, groups, centre, scale, coef or None, affine
+        )
+        grad_w = grad_w if ctx.needs_input_grad[2] else None
+        grad_b = grad_b if ctx.needs_input_grad[3] else None
+        return grad_x, _floor_grad(ctx, grad_floor, floor), grad_w, grad_b, None, None, None, None
+
+
+def field_norm(
+    x: Tensor,
+    groups: int,
+    centre: bool,
+    scale: bool,
+    floor: float | Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    with_l1: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean|x - mu|, stats)`` for a field over whole groups of units of ``x``
+    ``(N, C, *P)``: each channel over the batch (``groups=0``) or ``groups`` groups of channels
+    per sample (see :func:`lit_divnorm.norm.kernels.cpu.field_forward`; ``stats`` ``(3, G)``
+    holds ``mu, var, r``). Two passes over ``x`` each way, the L1 term inside them."""
+    return _FieldNorm.apply(x, floor, weight, bias, groups, centre, scale, with_l1)
+
+
 # ---- the L1 term of a centred activation: mean |x - mean| ----
 
 

@@ -212,3 +212,60 @@ def test_switched_off_by_the_environment(monkeypatch):
             assert not cpu.applies(torch.zeros(2, 3, 4))
     finally:
         cpu._library.cache_clear()
+
+
+WHOLE_GROUP_FIELDS = {
+    "batch": (
+        Field(batch=True, channels="self", positions="all"),
+        RefField(batch=True, positions="all"),
+    ),
+    "layer": (Field(channels="all", positions="all"), RefField(channels="all", positions="all")),
+    "instance": (Field(channels="self", positions="all"), RefField(positions="all")),
+    "group": (
+        Field(channels="groups", positions="all", groups=2),
+        RefField(channels="groups", positions="all", groups=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(WHOLE_GROUP_FIELDS))
+@pytest.mark.parametrize(("centre", "scale"), [(True, True), (True, False), (False, True)])
+def test_whole_group_kernel_against_the_loop_with_l1_affine_and_learned_sigma(
+    name, centre, scale, monkeypatch
+):
+    """bn*/ln*/bnms/lnms-type fields in the C++ kernel: output against the float64 loop, L1 term
+    against its formula, every gradient (x, learned sigma, gamma, beta) against autograd
+    through the term-by-term equations, running statistics against the direct path's."""
+    calls = []
+    forward = cpu.field_forward
+    monkeypatch.setattr(cpu, "field_forward", lambda *a: calls.append(1) or forward(*a))
+    field, ref = WHOLE_GROUP_FIELDS[name]
+    sum_field, sup_field = (field if centre else None), (field if scale else None)
+    ref_sum, ref_sup = (ref if centre else None), (ref if scale else None)
+    x = (torch.randn(3, 4, 3, 2, dtype=torch.float64) * 2 + 5).requires_grad_()
+    params = [
+        torch.tensor(0.7, dtype=torch.float64, requires_grad=True),  # sigma
+        (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(),  # gamma
+        torch.randn(4, dtype=torch.float64, requires_grad=True),  # beta
+    ]
+    grad = torch.randn_like(x)
+    results = []
+    for fused in (True, False):
+        running = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+        y, l1 = divisive_norm(
+            x, sum_field, sup_field, params[0], 1e-5, weight=params[1], bias=params[2],
+            running_mean=running[0] if field.batch else None,
+            running_var=running[1] if field.batch else None,
+            return_l1=True, fused=fused,
+        )  # fmt: skip
+        grads = torch.autograd.grad(
+            (y * grad).sum() + 2 * l1, [x, *params], allow_unused=True, materialize_grads=True
+        )
+        results.append((y, l1, *grads, *(running if field.batch else ())))
+    assert calls, "the C++ field kernel did not run"
+    want_y = ref_divisive_norm(x.detach().numpy(), ref_sum, ref_sup, 0.7, 1e-5, "valid")
+    affine = params[1].detach().view(1, -1, 1, 1).numpy(), params[2].detach().view(1, -1, 1, 1)
+    want_y = want_y * affine[0] + affine[1].numpy()
+    np.testing.assert_allclose(results[0][0].detach().numpy(), want_y, rtol=1e-10, atol=1e-10)
+    for got, want in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

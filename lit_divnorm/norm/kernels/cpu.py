@@ -25,6 +25,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -58,6 +59,8 @@ _SIGNATURES = {
     "dn_forward": (_DBL, [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_backward": (_DBL, [_PTR] * 6 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_box_rows": (None, [_PTR, _PTR, _I64, _I64, _PTR, _INT, _INT]),
+    "dn_field_forward": (_DBL, [_PTR] * 5 + [_I64] * 4 + [_INT, _INT, _DBL, _INT, _INT]),
+    "dn_field_backward": (_DBL, [_PTR] * 7 + [_I64] * 4 + [_INT, _INT, _DBL, _INT, _INT]),
     "dn_channel_forward": (None, [_PTR, _PTR, _I64, _I64, _I64, _PTR, _DBL, _DBL, _DBL, _INT]),
     "dn_channel_backward": (_DBL, [_PTR] * 3 + [_I64, _I64, _I64, _PTR, _DBL, _DBL, _DBL, _INT]),
     "dn_lstm_forward_step": (
@@ -322,6 +325,89 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def field_forward(
+    x: Tensor,
+    groups: int,
+    centre: bool,
+    scale: bool,
+    floor: float,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    with_l1: bool,
+) -> tuple[Tensor, Tensor, float]:
+    """A field over whole groups of units of ``x`` ``(N, C, *P)``: each channel over the batch
+    (``groups=0``) or ``groups`` groups of channels of each sample (layer: 1, instance: C)::
+
+        mu = mean_F x (centre, else 0),  var = mean_F (x - mu)^2,
+        r = 1 / sqrt(var + floor) (scale, else 1),  y = w (x - mu) r + b
+
+    Returns ``(y, stats, sum|x - mu|)``: ``stats`` ``(3, G)`` stacks ``mu, var, r`` per group
+    (``G = C`` for the batch, else ``N * groups``); the sum is ``0.`` unless ``with_l1``."""
+    layout = _memory_format(x)
+    x = x.contiguous()
+    n, c = x.shape[:2]
+    total = c if groups == 0 else n * groups
+    y = torch.empty_like(x)
+    stats = x.new_empty((3, total))
+    l1 = _function("dn_field_forward", x)(
+        x.data_ptr(),
+        y.data_ptr(),
+        stats.data_ptr(),
+        _pointer(weight),
+        _pointer(bias),
+        n,
+        c,
+        math.prod(x.shape[2:]),
+        groups,
+        int(centre),
+        int(scale),
+        floor,
+        int(with_l1),
+        torch.get_num_threads(),
+    )
+    return y.contiguous(memory_format=layout), stats, l1
+
+
+def field_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    stats: Tensor,
+    weight: Tensor | None,
+    groups: int,
+    centre: bool,
+    scale: bool,
+    l1_coef: float | None,
+    affine_grads: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, float]:
+    """``(dL/dx, dL/dw, dL/db, dL/dfloor)`` of :func:`field_forward` from ``dL/dy`` and, unless
+    ``l1_coef`` is ``None``, the L1 term ``l1_coef * sum|x - mu|``."""
+    layout = _memory_format(x)
+    grad_y, x = grad_y.contiguous(), x.contiguous()
+    n, c = x.shape[:2]
+    grad_x = torch.empty_like(x)
+    grad_w = x.new_empty(c) if affine_grads else None
+    grad_b = x.new_empty(c) if affine_grads else None
+    grad_floor = _function("dn_field_backward", x)(
+        grad_y.data_ptr(),
+        x.data_ptr(),
+        stats.data_ptr(),
+        _pointer(weight),
+        grad_x.data_ptr(),
+        _pointer(grad_w),
+        _pointer(grad_b),
+        n,
+        c,
+        math.prod(x.shape[2:]),
+        groups,
+        int(centre),
+        int(scale),
+        0.0 if l1_coef is None else l1_coef,
+        int(l1_coef is not None),
+        torch.get_num_threads(),
+    )
+    return grad_x.contiguous(memory_format=layout), grad_w, grad_b, grad_floor
+
+
 def channel_forward(
     x: Tensor, window: tuple[int, int, int], floor: float, alpha: float, power: float
 ) -> Tensor:
@@ -336,7 +422,7 @@ def channel_forward(
         y.data_ptr(),
         x.shape[0],
         x.shape[1],
-        x[0, 0].numel(),
+        math.prod(x.shape[2:]),
         _window_spec(window),
         floor,
         alpha,
@@ -364,7 +450,7 @@ def channel_backward(
         grad_x.data_ptr(),
         x.shape[0],
         x.shape[1],
-        x[0, 0].numel(),
+        math.prod(x.shape[2:]),
         _window_spec(window),
         floor,
         alpha,

@@ -449,6 +449,156 @@ double channel_backward(const T* g, const T* x, T* grad_x, int64_t n, int64_t c,
   return grad_floor;
 }
 
+// ---- Fields over whole groups of units: batch (a channel over every sample and position) or
+// per-sample groups (G groups of C / G channels over every position: layer G = 1, instance
+// G = C), with the L1 term fused in ----
+//
+//   mu = mean_F x (centre; else 0),  var = mean_F (x - mu)^2,  r = 1 / sqrt(var + floor) (scale;
+//   else 1),  xh = (x - mu) r,  y = w_c xh + b_c,  l1 = sum |x - mu|
+//   dL/dx = r (gh - A / M - xh B / M) + coef (s - S / M),  gh = w_c g, A = sum_F gh,
+//   B = sum_F gh xh, s = sign(x - mu), S = sum_F s  (the A and S terms only with centre)
+//
+// Each group's M members are visited as rows of P values: per-sample groups are one block of
+// (C / G) rows, a batch group is one row per sample. Moments are taken about the group's first
+// value, in double.
+
+// Calls row(pointer offset, channel) for each row of group `gi` (see above).
+template <typename Row>
+inline void for_rows(int64_t gi, int64_t n, int64_t c, int64_t p, int64_t groups, Row row) {
+  if (groups == 0) {  // batch: group gi is channel gi of every sample
+    for (int64_t s = 0; s < n; ++s) row((s * c + gi) * p, gi);
+  } else {
+    const int64_t per = c / groups, sample = gi / groups, first = (gi % groups) * per;
+    for (int64_t ch = first; ch < first + per; ++ch) row((sample * c + ch) * p, ch);
+  }
+}
+
+template <typename T>
+double field_forward(const T* x, T* y, T* stats, const T* w, const T* b, int64_t n, int64_t c,
+                     int64_t p, int64_t groups, int centre, int scale, double floor,
+                     int with_l1, int threads) {
+  const int64_t total = groups == 0 ? c : n * groups;
+  const int64_t members = groups == 0 ? n * p : (c / groups) * p;
+  T* mean = stats;
+  T* var = stats + total;
+  T* rstd = stats + 2 * total;
+  double l1 = 0.0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : l1)
+  for (int64_t gi = 0; gi < total; ++gi) {
+    const T shift = centre ? x[groups == 0 ? gi * p : gi * members] : T(0);
+    double sum = 0.0, square = 0.0;
+    for_rows(gi, n, c, p, groups, [&](int64_t at, int64_t) {
+      const T* __restrict row = x + at;
+      double rs = 0.0, rq = 0.0;
+#pragma omp simd reduction(+ : rs, rq)
+      for (int64_t j = 0; j < p; ++j) {
+        const double d = static_cast<double>(row[j] - shift);
+        rs += d;
+        rq += d * d;
+      }
+      sum += rs;
+      square += rq;
+    });
+    const double inside = sum / members;
+    const double mu = centre ? static_cast<double>(shift) + inside : 0.0;
+    const double spread = centre ? std::max(square / members - inside * inside, 0.0)
+                                 : square / members;
+    const double r = scale ? 1.0 / std::sqrt(spread + floor) : 1.0;
+    mean[gi] = static_cast<T>(mu);
+    var[gi] = static_cast<T>(spread);
+    rstd[gi] = static_cast<T>(r);
+    const T tm = static_cast<T>(mu), tr = static_cast<T>(r);
+    double partial = 0.0;
+    for_rows(gi, n, c, p, groups, [&](int64_t at, int64_t ch) {
+      const T* __restrict row = x + at;
+      T* __restrict out = y + at;
+      const T scale_c = (w ? w[ch] : T(1)) * tr, offset = b ? b[ch] : T(0);
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < p; ++j) {
+        const T v = row[j] - tm;
+        out[j] = v * scale_c + offset;
+        acc += std::fabs(v);
+      }
+      partial += static_cast<double>(acc);
+    });
+    if (with_l1) l1 += partial;
+  }
+  return l1;
+}
+
+// Writes dL/dx and, where given, dL/dw and dL/db ((C,) each); returns dL/dfloor.
+template <typename T>
+double field_backward(const T* g, const T* x, const T* stats, const T* w, T* grad_x, T* grad_w,
+                      T* grad_b, int64_t n, int64_t c, int64_t p, int64_t groups, int centre,
+                      int scale, double coef, int with_l1, int threads) {
+  const int64_t total = groups == 0 ? c : n * groups;
+  const int64_t members = groups == 0 ? n * p : (c / groups) * p;
+  const T* mean = stats;
+  const T* rstd = stats + 2 * total;
+  const bool affine_grads = grad_w != nullptr || grad_b != nullptr;
+  std::vector<double> channel_w(affine_grads ? c : 0, 0.0), channel_b(affine_grads ? c : 0, 0.0);
+  double grad_floor = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : grad_floor)
+  {
+    std::vector<double> my_w(affine_grads ? c : 0, 0.0), my_b(affine_grads ? c : 0, 0.0);
+#pragma omp for schedule(static)
+    for (int64_t gi = 0; gi < total; ++gi) {
+      const T tm = mean[gi], tr = rstd[gi];
+      double sum_gh = 0.0, sum_ghxh = 0.0, sum_sign = 0.0;
+      for_rows(gi, n, c, p, groups, [&](int64_t at, int64_t ch) {
+        const T* __restrict grow = g + at;
+        const T* __restrict xrow = x + at;
+        const T wc = w ? w[ch] : T(1);
+        T sg = T(0), sgx = T(0), ss = T(0);
+#pragma omp simd reduction(+ : sg, sgx, ss)
+        for (int64_t j = 0; j < p; ++j) {
+          const T v = xrow[j] - tm;
+          sg += grow[j];
+          sgx += grow[j] * v;
+          ss += sign_of(v);
+        }
+        sum_gh += static_cast<double>(wc) * sg;
+        sum_ghxh += static_cast<double>(wc) * sgx * tr;
+        sum_sign += ss;
+        if (affine_grads) {
+          my_b[ch] += sg;
+          my_w[ch] += static_cast<double>(sgx) * tr;
+        }
+      });
+      if (scale) grad_floor += -0.5 * static_cast<double>(tr) * tr * sum_ghxh;
+      const T a = centre ? static_cast<T>(sum_gh / members) : T(0);
+      const T bm = scale ? static_cast<T>(sum_ghxh / members) : T(0);
+      const T sm = centre && with_l1 ? static_cast<T>(sum_sign / members) : T(0);
+      const T tcoef = with_l1 ? static_cast<T>(coef) : T(0);
+      for_rows(gi, n, c, p, groups, [&](int64_t at, int64_t ch) {
+        const T* __restrict grow = g + at;
+        const T* __restrict xrow = x + at;
+        T* __restrict out = grad_x + at;
+        const T wc = w ? w[ch] : T(1);
+        for (int64_t j = 0; j < p; ++j) {
+          const T v = xrow[j] - tm;
+          T d = tr * (wc * grow[j] - a - v * tr * bm);
+          if (with_l1) d += tcoef * (sign_of(v) - sm);
+          out[j] = d;
+        }
+      });
+    }
+    if (affine_grads) {
+#pragma omp critical
+      for (int64_t ch = 0; ch < c; ++ch) {
+        channel_w[ch] += my_w[ch];
+        channel_b[ch] += my_b[ch];
+      }
+    }
+  }
+  for (int64_t ch = 0; affine_grads && ch < c; ++ch) {
+    if (grad_w) grad_w[ch] = static_cast<T>(channel_w[ch]);
+    if (grad_b) grad_b[ch] = static_cast<T>(channel_b[ch]);
+  }
+  return grad_floor;
+}
+
 // ---- LSTM time steps with feature-vector norms (lit_divnorm/models/fused_rnn.py) ----
 
 // exp for float in plain arithmetic, so that loops over it vectorize (Cephes' expf: range
@@ -708,6 +858,20 @@ void lstm_backward_step(const T* grad_h, const T* grad_out, T* grad_c, const T* 
                                             int threads) {                                      \
     return channel_backward<T>(g, x, grad_x, n, c, p, Window{window[0], window[1], window[2]},  \
                                floor, alpha, power, threads);                                   \
+  }                                                                                             \
+  extern "C" double dn_field_forward_##S(const T* x, T* y, T* stats, const T* w, const T* b,    \
+                                         int64_t n, int64_t c, int64_t p, int64_t groups,       \
+                                         int centre, int scale, double floor, int with_l1,      \
+                                         int threads) {                                         \
+    return field_forward<T>(x, y, stats, w, b, n, c, p, groups, centre, scale, floor, with_l1,  \
+                            threads);                                                           \
+  }                                                                                             \
+  extern "C" double dn_field_backward_##S(const T* g, const T* x, const T* stats, const T* w,   \
+                                          T* grad_x, T* grad_w, T* grad_b, int64_t n,           \
+                                          int64_t c, int64_t p, int64_t groups, int centre,     \
+                                          int scale, double coef, int with_l1, int threads) {   \
+    return field_backward<T>(g, x, stats, w, grad_x, grad_w, grad_b, n, c, p, groups, centre,   \
+                             scale, coef, with_l1, threads);                                    \
   }                                                                                             \
   extern "C" void dn_box_rows_##S(const T* in, T* out, int64_t rows, int64_t len,               \
                                   const int64_t* window, int adjoint, int threads) {           \
