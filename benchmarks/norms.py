@@ -15,7 +15,8 @@ storage, the input included since every layer keeps it), each next to torch's
 ``BatchNorm2d``, ``GroupNorm(1, C)``, ``LocalResponseNorm(5)`` and a direct DN (channel mean,
 ``avg_pool2d`` box means, subtract, divide), with ratios against ``GroupNorm(1, C)`` and
 against each norm's own torch counterpart (``x peer``: BatchNorm2d for the bn family,
-LocalResponseNorm for lrn, GroupNorm(1, C) for the rest) from the same run; then DN with the
+LocalResponseNorm for lrn, InstanceNorm2d for in, GroupNorm(1, C) for the rest) from the same
+run; then DN with the
 15x15 window against the 5x5 one, timed together.
 """
 
@@ -151,16 +152,20 @@ def peers(channels: int, window: int) -> dict[str, Callable[[], nn.Module]]:
         "torch GroupNorm(1,C)": lambda: nn.GroupNorm(1, channels),
         "direct DN (avg_pool2d)": lambda: DirectDN(window),
         "torch LocalResponseNorm(5)": lambda: nn.LocalResponseNorm(5, alpha=5.0, beta=0.5),
+        "torch InstanceNorm2d": lambda: nn.InstanceNorm2d(channels, affine=True),
     }
 
 
 def counterpart(name: str) -> str:
     """The torch layer a registry norm is held against: BatchNorm2d for the bn family,
-    LocalResponseNorm (same window, exponent 1/2) for lrn, GroupNorm(1, C) for the rest."""
+    LocalResponseNorm (same window, exponent 1/2) for lrn, InstanceNorm2d for in,
+    GroupNorm(1, C) for the rest."""
     if name.startswith("bn"):
         return "torch BatchNorm2d"
     if name.startswith("lrn"):
         return "torch LocalResponseNorm(5)"
+    if name == "in":
+        return "torch InstanceNorm2d"
     return "torch GroupNorm(1,C)"
 
 

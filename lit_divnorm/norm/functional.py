@@ -35,6 +35,7 @@ from lit_divnorm.norm.ops import (
     field_kernel_applies,
     field_norm,
     full_precision,
+    local_centring,
     local_divisive_norm,
     resolve_backend,
 )
@@ -290,6 +291,10 @@ def _full_precision_norm(
         )
     if y is not None:
         pass
+    elif fused and _is_channel_local(sum_field) and sup_field is None and x.ndim > 2:
+        y = local_centring(x, sum_field.window_for(x.ndim - 2), border)  # y = x - m = v
+        l1 = y.abs().mean() if return_l1 else None
+        y = _affine(y, weight, bias)
     elif fused and sum_field is not None and sup_field is None:  # mean subtraction only
         mean = _batch_statistic(
             x, sum_field, border, None, running_mean, training, momentum, None, True, sync_batch

@@ -357,6 +357,32 @@ def field_norm(
     return _FieldNorm.apply(x, floor, weight, bias, groups, centre, scale, with_l1)
 
 
+# ---- local mean subtraction only (dnms): y = x - A(mean_c x) ----
+
+
+class _LocalCentring(torch.autograd.Function):
+    """:func:`lit_divnorm.norm.kernels.eager.local_centre_forward` with its hand-written
+    backward (autograd's own would make five passes over the gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, sum_windows, border):  # type: ignore[override]
+        ctx.args = (sum_windows, border)
+        return eager.local_centre_forward(x, sum_windows, border)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):  # type: ignore[override]
+        return eager.local_centre_backward(grad_y, *ctx.args), None, None
+
+
+def local_centring(x: Tensor, sum_windows: tuple[int, ...], border: str = "valid") -> Tensor:
+    """``x - A(mean_c x)`` for ``x`` ``(N, C, *P)``, any device (traced as plain tensor
+    operations under ``torch.compile``)."""
+    if torch.compiler.is_compiling():
+        return eager.local_centre_forward(x, sum_windows, border)
+    return _LocalCentring.apply(x, tuple(sum_windows), border)
+
+
 # ---- the L1 term of a centred activation: mean |x - mean| ----
 
 

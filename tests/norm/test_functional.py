@@ -331,3 +331,19 @@ def test_mean_subtraction_only_equals_the_formula(name):
     want = want + norm.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(norm(x), want)
     assert torch.autograd.gradcheck(norm, (x,))
+
+
+@pytest.mark.parametrize("border", ["valid", "reference"])
+def test_local_mean_subtraction_only_matches_the_loop_and_gradcheck(border):
+    """dnms's fused path ``x - A(mean_c x)`` (hand-written backward) against the loop, its
+    L1 term against the formula, and float64 gradcheck."""
+    field = Field(channels="all", positions="window", window=(3, 2))
+    ref = RefField(channels="all", positions="window", window=(3, 2))
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    y, l1 = divisive_norm(x, field, None, border=border, return_l1=True)
+    want = ref_divisive_norm(x.detach().numpy(), ref, None, border=border)
+    np.testing.assert_allclose(y.detach().numpy(), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(l1.item(), np.abs(want).mean(), rtol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda t: divisive_norm(t, field, None, border=border, return_l1=True), (x,)
+    )
