@@ -16,6 +16,11 @@ Preprocessing (batches are ``(N, 3, 32, 32)`` float32 images and ``(N,)`` int64 
   authors' code averaged over train and test together; we keep the test set out of it).
 * ``"resnet"``: ``x / 255``; training images also get a random crop of the image zero-padded
   by 4 pixels and a random horizontal flip.
+
+The training order and the crops and flips are functions of ``(seed, epoch, rank, index)``
+(:mod:`datamodules.order`), not of a global random stream: a run resumed from a checkpoint
+taken inside an epoch sees the rest of that epoch exactly as the run that was not stopped,
+with any number of workers. Under DDP each rank reads its own shard of every epoch's order.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.cifar_files import CifarArchive, CifarArrays, download_archive, read_batches
+from datamodules.order import (
+    EpochOrder,
+    ResumableLoader,
+    SampleKey,
+    default_seed,
+    rank_and_world_size,
+    sample_randint,
+)
 
 Preprocessing = Literal["paper", "resnet"]
 PREPROCESSINGS: tuple[str, ...] = ("paper", "resnet")
@@ -55,39 +68,59 @@ class ScaleToUnit:
 
 
 class RandomCropFlip:
-    """Random ``H x W`` crop of the image zero-padded by ``padding``, then a flip with p = 1/2."""
+    """``H x W`` crop of the image zero-padded by ``padding``, then a horizontal flip (p = 1/2).
 
-    def __init__(self, padding: int = 4) -> None:
+    The crop offsets ``top, left`` (uniform in ``0 .. 2 * padding``) and the flip of sample
+    ``index`` in ``epoch`` are :func:`~datamodules.order.sample_randint` draws of ``(seed,
+    epoch, index)`` (streams 0, 1, 2): the same on every run, worker and device.
+    """
+
+    def __init__(self, padding: int = 4, seed: int = 0) -> None:
         if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
             raise ValueError(f"padding must be an int >= 0, got {padding!r}")
         self.padding = padding
+        self.seed = seed
 
-    def __call__(self, image: Tensor) -> Tensor:
+    def draw(self, epoch: int, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(tops, lefts, flips)`` of the samples ``indices`` ``(B,)``, each ``(B,)`` int64."""
+        offsets = 2 * self.padding + 1
+        tops = sample_randint(offsets, self.seed, epoch, indices, stream=0)
+        lefts = sample_randint(offsets, self.seed, epoch, indices, stream=1)
+        flips = sample_randint(2, self.seed, epoch, indices, stream=2)
+        return tops, lefts, flips
+
+    def apply(self, image: Tensor, top: int, left: int, flip: bool) -> Tensor:
+        """The crop at ``(top, left)`` of ``image`` ``(C, H, W)`` padded, flipped if ``flip``."""
         _, height, width = image.shape
         pad = self.padding
         padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
-        top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
         crop = padded[:, top : top + height, left : left + width]
-        if torch.rand(()) < 0.5:
-            crop = crop.flip(-1)
-        return crop
+        return crop.flip(-1) if flip else crop
 
 
-class Compose:
-    def __init__(self, *transforms: Transform) -> None:
-        self.transforms = transforms
-
-    def __call__(self, image: Tensor) -> Tensor:
-        for transform in self.transforms:
-            image = transform(image)
-        return image
+def _split_key(key: int | SampleKey) -> SampleKey:
+    """``(epoch, index)`` of a sampler key; a plain index means epoch 0."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return 0, int(key)
 
 
 class CifarDataset(Dataset):
-    """Images uint8 ``(N, 3, 32, 32)`` and labels ``(N,)``; item ``i`` is
-    ``(transform(images[i]), labels[i])``."""
+    """Images uint8 ``(N, 3, 32, 32)`` and labels ``(N,)``.
 
-    def __init__(self, images: Tensor, labels: Tensor, transform: Transform) -> None:
+    Item ``key`` (an index ``i``, or ``(epoch, i)`` from ``EpochOrder(with_epoch=True)``) is
+    ``(transform(images[i]), labels[i])``, cropped and flipped by ``augment`` (as drawn for
+    sample ``i`` in ``epoch``) when one is given. ``__getitems__`` draws a whole batch's
+    augmentation at once.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        transform: Transform,
+        augment: RandomCropFlip | None = None,
+    ) -> None:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"images and labels must have the same length, got {images.shape[0]} "
@@ -96,12 +129,25 @@ class CifarDataset(Dataset):
         self.images = images
         self.labels = labels
         self.transform = transform
+        self.augment = augment
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.transform(self.images[index]), self.labels[index]
+    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[int | SampleKey]) -> list[tuple[Tensor, Tensor]]:
+        pairs = [_split_key(key) for key in keys]
+        images = [self.transform(self.images[index]) for _, index in pairs]
+        if self.augment is not None:
+            for epoch in sorted({epoch for epoch, _ in pairs}):
+                chosen = [k for k, (e, _) in enumerate(pairs) if e == epoch]
+                indices = torch.tensor([pairs[k][1] for k in chosen], dtype=torch.int64)
+                draws = zip(*(values.tolist() for values in self.augment.draw(epoch, indices)))
+                for k, (top, left, flip) in zip(chosen, draws):
+                    images[k] = self.augment.apply(images[k], top, left, bool(flip))
+        return [(image, self.labels[index]) for image, (_, index) in zip(images, pairs)]
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -121,6 +167,8 @@ class CifarDataModule(LightningDataModule):
         val_size: training images held out for validation (e.g. 5000 for a 45k/5k split);
             0 (default, as in the paper) means no validation loop.
         split_seed: seed of the random train/validation split.
+        seed: seed of the training order and of the crops and flips (``None``: the run's
+            ``seed_everything``, as Lightning seeds its own distributed sampler; 0 without).
         preprocessing: ``"paper"`` (mean image subtracted, 0-255) or ``"resnet"`` (/255,
             pad-4 random crop and flip for training).
         download: let ``prepare_data`` fetch the official archive when files are missing.
@@ -140,6 +188,7 @@ class CifarDataModule(LightningDataModule):
         split_seed: int = 0,
         preprocessing: Preprocessing = "paper",
         download: bool = True,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if preprocessing not in PREPROCESSINGS:
@@ -153,6 +202,7 @@ class CifarDataModule(LightningDataModule):
         self.drop_last = bool(drop_last)
         self.val_size = _check_int("val_size", val_size, 0)
         self.split_seed = _check_int("split_seed", split_seed, 0)
+        self.seed = None if seed is None else _check_int("seed", seed, 0)
         self.preprocessing = preprocessing
         self.download = bool(download)
         self.train_set: CifarDataset | None = None
@@ -223,32 +273,46 @@ class CifarDataModule(LightningDataModule):
             val_images, val_labels = images[val_index], labels[val_index]
             images, labels = images[train_index], labels[train_index]
         train_transform, eval_transform = self._transforms(images)
-        self.train_set = CifarDataset(images, labels, train_transform)
+        augment = RandomCropFlip(4, self.order_seed) if self.preprocessing == "resnet" else None
+        self.train_set = CifarDataset(images, labels, train_transform, augment)
         if val_images is not None:
             self.val_set = CifarDataset(val_images, val_labels, eval_transform)
         self.test_set = CifarDataset(
             torch.from_numpy(test.images), torch.from_numpy(test.labels), eval_transform
         )
 
+    @property
+    def order_seed(self) -> int:
+        """``seed``, or the run's ``seed_everything`` when it is ``None``."""
+        return default_seed() if self.seed is None else self.seed
+
     def _transforms(self, train_images: Tensor) -> tuple[Transform, Transform]:
         if self.preprocessing == "paper":
             self.mean_image = train_images.double().mean(dim=0).float()
             transform = SubtractMeanImage(self.mean_image)
             return transform, transform
-        return Compose(ScaleToUnit(), RandomCropFlip(4)), ScaleToUnit()
+        return ScaleToUnit(), ScaleToUnit()
 
     def _loader(self, dataset: CifarDataset | None, train: bool) -> DataLoader:
+        """Training: a :class:`ResumableLoader` over this rank's :class:`EpochOrder`;
+        evaluation: in order. Neither draws from the global random generators (worker seeds
+        come from a generator of their own), so resuming does not shift them."""
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before the dataloaders")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=self.drop_last and train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+        options = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+            "generator": torch.Generator().manual_seed(self.order_seed),
+        }
+        if not train:
+            return DataLoader(dataset, shuffle=False, **options)
+        rank, world_size = rank_and_world_size(self.trainer)
+        order = EpochOrder(
+            len(dataset), self.order_seed, rank, world_size, with_epoch=dataset.augment is not None
         )
+        return ResumableLoader(dataset, sampler=order, drop_last=self.drop_last, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -293,6 +357,7 @@ class CIFAR10DataModule(CifarDataModule):
         preprocessing: Preprocessing = "paper",
         download: bool = True,
         train_batches: list[int] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             data_dir,
@@ -304,6 +369,7 @@ class CIFAR10DataModule(CifarDataModule):
             split_seed,
             preprocessing,
             download,
+            seed,
         )
         if train_batches is not None:
             bad = [b for b in train_batches if isinstance(b, bool) or b not in range(1, 6)]
@@ -370,6 +436,7 @@ class CIFAR100DataModule(CifarDataModule):
         preprocessing: Preprocessing = "paper",
         download: bool = True,
         label_type: Literal["fine", "coarse"] = "fine",
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             data_dir,
@@ -381,6 +448,7 @@ class CIFAR100DataModule(CifarDataModule):
             split_seed,
             preprocessing,
             download,
+            seed,
         )
         if label_type not in ("fine", "coarse"):
             raise ValueError(f"label_type must be 'fine' or 'coarse', got {label_type!r}")

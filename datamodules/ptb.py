@@ -15,6 +15,11 @@ at the end of one window is the right start of the next::
 
     inputs  = streams[:, t : t + bptt]          (batch_size, bptt)
     targets = streams[:, t + 1 : t + bptt + 1]  (batch_size, bptt)
+
+Windows are read in order through an :class:`~datamodules.order.EpochOrder` without shuffle
+(a ``DistributedSampler`` of one replica: Lightning adds no sampler of its own, which would
+scatter one stream's windows over ranks); its state, the windows already trained on, travels
+in every checkpoint, so a run resumed inside an epoch continues at the next window.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.order import EpochOrder, ResumableLoader, rank_and_world_size
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -95,11 +102,10 @@ def batchify(tokens: Tensor, batch_size: int, rank: int = 0, world_size: int = 1
     return table[rank * batch_size : (rank + 1) * batch_size].contiguous()
 
 
-class BpttWindows(IterableDataset):
+class BpttWindows(Dataset):
     """Consecutive windows ``(inputs, targets)``, each ``(batch_size, <= bptt)``, of streams.
 
-    An ``IterableDataset`` on purpose: Lightning then adds no distributed sampler, which would
-    scatter the windows of one stream over ranks and break the carried hidden state.
+    Item ``i`` is the window starting at step ``i * bptt``; iterating yields them in order.
     """
 
     def __init__(self, streams: Tensor, bptt: int) -> None:
@@ -112,11 +118,15 @@ class BpttWindows(IterableDataset):
     def __len__(self) -> int:
         return -(-(self.streams.shape[1] - 1) // self.bptt)
 
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window index {index} out of range [0, {len(self)})")
+        start = index * self.bptt
+        stop = min(start + self.bptt, self.streams.shape[1] - 1)
+        return self.streams[:, start:stop], self.streams[:, start + 1 : stop + 1]
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        last = self.streams.shape[1] - 1
-        for start in range(0, last, self.bptt):
-            stop = min(start + self.bptt, last)
-            yield self.streams[:, start:stop], self.streams[:, start + 1 : stop + 1]
+        return (self[index] for index in range(len(self)))
 
 
 class PennTreebankDataModule(LightningDataModule):
@@ -253,19 +263,15 @@ class PennTreebankDataModule(LightningDataModule):
         self.vocabulary = vocabulary
 
     # ---------------------------------------------------------------- loaders
-    def _rank_and_world_size(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
     def windows(self, split: str, batch_size: int, bptt: int) -> BpttWindows:
         """This rank's windows of ``split``."""
-        rank, world_size = self._rank_and_world_size()
+        rank, world_size = rank_and_world_size(self.trainer)
         return BpttWindows(batchify(self.tokens(split), batch_size, rank, world_size), bptt)
 
     def _loader(self, split: str, batch_size: int, bptt: int) -> DataLoader:
-        return DataLoader(self.windows(split, batch_size, bptt), batch_size=None)
+        windows = self.windows(split, batch_size, bptt)
+        order = EpochOrder(len(windows), shuffle=False)
+        return ResumableLoader(windows, batch_size=None, sampler=order)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, self.bptt)

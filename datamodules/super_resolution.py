@@ -10,10 +10,17 @@ Every image (PNG, BMP or JPEG; RGB or grayscale) becomes a pair of Y-channel ima
    antialiased when shrinking), not clipped or rounded.
 
 Training samples are random ``patch_size`` x ``patch_size`` crops at the same place of both
-(``patches_per_image`` per image, positions drawn once from ``seed``); evaluation samples are
-whole images, batch 1. Samples are ``(bicubic, hr)`` pairs of shape ``(1, H, W)``.
+(``patches_per_image`` per image, positions drawn once from ``seed``), read in an order that
+is a function of ``(seed, epoch, rank)`` (:class:`~datamodules.order.EpochOrder`, whose
+position travels in checkpoints: a run resumed inside an epoch continues with the next patch);
+evaluation samples are whole images, batch 1. Samples are ``(bicubic, hr)`` pairs of shape
+``(1, H, W)``.
 
-Folders: ``train_dir`` and ``eval_dir`` are paths, relative to ``data_dir`` unless absolute.
+Three folders, paths relative to ``data_dir`` unless absolute: ``train_dir`` (patches),
+``val_dir`` (validation: what checkpoints are chosen on) and ``test_dir`` (the reported
+figure). Validating on the test folder would choose the checkpoint on the test set, so
+``val_dir`` and ``test_dir`` naming the same folder is refused unless
+``allow_same_val_test=True`` says that this is intended.
 Sets known by name (Set5, Set14, BSD100, BSD200, T91) are fetched in ``prepare_data`` when a
 URL is given for them in ``download_urls`` and the network allows; otherwise a missing folder
 is an error that says which images to put where.
@@ -37,6 +44,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.matlab_image import imresize, modcrop, rgb_to_y
+from datamodules.order import EpochOrder, ResumableLoader, rank_and_world_size
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg")
 KNOWN_SETS: dict[str, int] = {"set5": 5, "set14": 14, "bsd100": 100, "bsd200": 200, "t91": 91}
@@ -182,18 +190,23 @@ class ImageDataset(Dataset):
 
 
 class SuperResolutionDataModule(LightningDataModule):
-    """Training patches from one image folder, whole-image evaluation on another.
+    """Training patches from one image folder, whole-image validation and test on two others.
 
     Args:
-        data_dir: root that relative ``train_dir`` / ``eval_dir`` are resolved against.
+        data_dir: root that relative ``train_dir`` / ``val_dir`` / ``test_dir`` are resolved
+            against.
         train_dir: folder of high-resolution training images (default ``"T91"``).
-        eval_dir: folder of high-resolution evaluation images, used for validation and test
-            (default ``"Set5"``; Set14, BSD100, BSD200 or any folder).
+        val_dir: folder of high-resolution validation images, on which checkpoints are
+            chosen (default ``"Set5"``, the released code's evaluation set).
+        test_dir: folder of high-resolution test images, the reported figure (default
+            ``"Set14"``, a test set of the paper; ``"BSD200"`` is the other).
+        allow_same_val_test: accept ``val_dir`` and ``test_dir`` naming the same folder
+            (model selection on the test set; refused with ``ValueError`` otherwise).
         scale: upscaling factor (2, 3, 4, ...).
         patch_size: side of the square training patches (33 in SRCNN and the paper).
         patches_per_image: random patches drawn per training image.
         batch_size: training batch size (evaluation always uses batch 1: whole images).
-        seed: seed of the patch positions and of the training shuffle.
+        seed: seed of the patch positions and of the training order.
         num_workers: DataLoader workers.
         download_urls: optional ``{set name: URL of a .zip/.tar archive of its images}`` used
             by ``prepare_data`` for a known set whose folder is empty.
@@ -203,7 +216,9 @@ class SuperResolutionDataModule(LightningDataModule):
         self,
         data_dir: str = "data/sr",
         train_dir: str = "T91",
-        eval_dir: str = "Set5",
+        val_dir: str = "Set5",
+        test_dir: str = "Set14",
+        allow_same_val_test: bool = False,
         scale: int = 3,
         patch_size: int = 33,
         patches_per_image: int = 100,
@@ -228,7 +243,16 @@ class SuperResolutionDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.train_path = self._resolve(train_dir)
-        self.eval_path = self._resolve(eval_dir)
+        self.val_path = self._resolve(val_dir)
+        self.test_path = self._resolve(test_dir)
+        if not allow_same_val_test and _same_folder(self.val_path, self.test_path):
+            raise ValueError(
+                f"val_dir {val_dir!r} and test_dir {test_dir!r} are the same folder "
+                f"({self.val_path}): checkpoints chosen on validation would be chosen on the "
+                "test set. Validate on another set (e.g. val_dir: Set5, test_dir: Set14), or "
+                "set allow_same_val_test: true if this is intended."
+            )
+        self.allow_same_val_test = bool(allow_same_val_test)
         self.scale = scale
         self.patch_size = patch_size
         self.patches_per_image = patches_per_image
@@ -237,16 +261,25 @@ class SuperResolutionDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.download_urls = {k.lower(): v for k, v in (download_urls or {}).items()}
         self.train_set: PatchDataset | None = None
-        self.eval_set: ImageDataset | None = None
-        self.eval_names: list[str] = []
+        self.val_set: ImageDataset | None = None
+        self.test_set: ImageDataset | None = None
+        self.val_names: list[str] = []
+        self.test_names: list[str] = []
 
     def _resolve(self, folder: str) -> Path:
         path = Path(folder)
         return path if path.is_absolute() else self.data_dir / path
 
+    def _folders(self) -> tuple[tuple[str, Path], ...]:
+        return (
+            ("train_dir", self.train_path),
+            ("val_dir", self.val_path),
+            ("test_dir", self.test_path),
+        )
+
     def prepare_data(self) -> None:
-        """Check both folders hold images; fetch a known set when a URL is given for it."""
-        for role, folder in (("train_dir", self.train_path), ("eval_dir", self.eval_path)):
+        """Check every folder holds images; fetch a known set when a URL is given for it."""
+        for role, folder in self._folders():
             if list_images(folder):
                 continue
             set_name = folder.name.lower()
@@ -258,16 +291,22 @@ class SuperResolutionDataModule(LightningDataModule):
             raise FileNotFoundError(_missing_message(role, folder, url))
 
     def setup(self, stage: str | None = None) -> None:
+        """Read what ``stage`` needs: patches and validation images to fit, the validation
+        images to validate, the test images to test or predict (all of them for ``None``)."""
         if stage in (None, "fit") and self.train_set is None:
             paths = self._images("train_dir", self.train_path)
             pairs = load_pairs(paths, self.scale)
             self.train_set = PatchDataset(
                 pairs, self.patch_size, self.patches_per_image, self.seed, [p.name for p in paths]
             )
-        if self.eval_set is None:
-            paths = self._images("eval_dir", self.eval_path)
-            self.eval_set = ImageDataset(load_pairs(paths, self.scale))
-            self.eval_names = [p.name for p in paths]
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            paths = self._images("val_dir", self.val_path)
+            self.val_set = ImageDataset(load_pairs(paths, self.scale))
+            self.val_names = [p.name for p in paths]
+        if stage in (None, "test", "predict") and self.test_set is None:
+            paths = self._images("test_dir", self.test_path)
+            self.test_set = ImageDataset(load_pairs(paths, self.scale))
+            self.test_names = [p.name for p in paths]
 
     def _images(self, role: str, folder: Path) -> list[Path]:
         paths = list_images(folder)
@@ -282,34 +321,48 @@ class SuperResolutionDataModule(LightningDataModule):
         return paths
 
     def train_dataloader(self) -> DataLoader:
+        """This rank's patches in the order of :class:`EpochOrder` (seeded with ``seed``)."""
         if self.train_set is None:
             self.setup("fit")
-        return DataLoader(
+        rank, world_size = rank_and_world_size(self.trainer)
+        return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochOrder(len(self.train_set), self.seed, rank, world_size),
             drop_last=len(self.train_set) >= self.batch_size,
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
-    def _eval_dataloader(self) -> DataLoader:
-        if self.eval_set is None:
-            self.setup("validate")
+    def _eval_dataloader(self, images: ImageDataset) -> DataLoader:
         return DataLoader(
-            self.eval_set,
+            images,
             batch_size=1,
             shuffle=False,
+            generator=torch.Generator().manual_seed(self.seed),  # no global random draw
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
+        """The ``val_dir`` images, whole, batch 1."""
+        if self.val_set is None:
+            self.setup("validate")
+        return self._eval_dataloader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
+        """The ``test_dir`` images, whole, batch 1."""
+        if self.test_set is None:
+            self.setup("test")
+        return self._eval_dataloader(self.test_set)
+
+
+def _same_folder(first: Path, second: Path) -> bool:
+    """Whether two paths name one folder (the same file when both exist, else equal paths)."""
+    if first.exists() and second.exists():
+        return first.samefile(second)
+    return first.resolve() == second.resolve()
 
 
 def _missing_message(role: str, folder: Path, url: str | None) -> str:

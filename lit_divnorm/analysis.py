@@ -238,10 +238,19 @@ def plot_sigma_history(history: dict[str, list[tuple[int, float]]], path: str | 
 
 
 def load_task(config: str | Path, checkpoint: str | Path | None, overrides: list[str] = ()):
-    """(task, datamodule) built from a LightningCLI ``config``, with ``checkpoint``'s weights."""
+    """(task, datamodule) built from a LightningCLI ``config``, with ``checkpoint``'s weights.
+
+    The checkpoint is read weights-only first (:func:`load_checkpoint_safely`: a file holding
+    anything but tensors and plain containers is refused before anything is built or run),
+    then compared with the config's model (:func:`check_compatible`: a checkpoint of another
+    configuration is refused naming the differences) before its weights are loaded.
+    """
     from lightning.pytorch import LightningDataModule, LightningModule
 
+    from lit_divnorm.checkpoint import check_compatible, load_checkpoint_safely
     from lit_divnorm.cli import DivNormCLI
+
+    state = None if checkpoint is None else load_checkpoint_safely(checkpoint)
 
     cli = DivNormCLI(
         LightningModule,
@@ -251,9 +260,12 @@ def load_task(config: str | Path, checkpoint: str | Path | None, overrides: list
         run=False,
         args=["--config", str(config), "--trainer.logger=false", *overrides],
     )
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        cli.model.load_state_dict(state["state_dict"])
+    if state is not None:
+        if "state_dict" not in state:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} holds no 'state_dict'")
+        model = cli.model
+        check_compatible(state, model.hparams, model.state_dict(), type(model).__name__)
+        model.load_state_dict(state["state_dict"])
     return cli.model, cli.datamodule
 
 

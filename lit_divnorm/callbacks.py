@@ -1,11 +1,12 @@
 """Callbacks for long unattended runs: resumable checkpoints and a non-finite detector.
 
 * :class:`ResumeCheckpoint` writes ``last.ckpt`` every ``every_n_train_steps`` optimizer
-  steps and at the end of every training epoch (atomically, through the
+  steps and after the last batch of every training epoch (atomically, through the
   :class:`~lit_divnorm.checkpoint.AtomicCheckpointIO` that ``DivNormCLI`` installs), together
   with the random-number-generator states, so ``lit-divnorm fit ... --ckpt_path last``
-  continues a killed run and, from an epoch-end checkpoint, replays the same data order and
-  ends with the same weights as an uninterrupted run.
+  continues a killed run from any of its checkpoints and ends with the same weights as an
+  uninterrupted run (Lightning stores the position of the project's training loaders,
+  :class:`~datamodules.order.ResumableLoader`, in the same file).
 * :class:`NonFiniteDetector` (opt-in) stops training with :class:`NonFiniteError` when the
   loss or a gradient is NaN/inf, naming the global step and the first layer (in execution
   order) whose output went non-finite, instead of training on garbage.
@@ -61,7 +62,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 class ResumeCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` steps and at every training epoch end.
+    """``last.ckpt`` every ``every_n_train_steps`` steps and after every epoch's last batch.
 
     Args:
         dirpath: folder of ``last.ckpt``; ``None`` is Lightning's default
@@ -69,10 +70,12 @@ class ResumeCheckpoint(ModelCheckpoint):
             ``dirpath``) so that a resumed run finds the folder of the killed one.
         every_n_train_steps: optimizer steps between checkpoints (0: epoch ends only).
 
-    The checkpoint also stores the RNG states (torch, CUDA, numpy, Python): resuming from an
-    epoch-end checkpoint draws the same shuffles and dropout masks as the uninterrupted run.
-    A step checkpoint in the middle of an epoch resumes the counters and weights, but the
-    partly seen epoch's data order is not replayed.
+    The checkpoint also stores the RNG states (torch, CUDA, numpy, Python), restored before
+    the first batch after a resume, so dropout masks continue as in the uninterrupted run;
+    with the project's datamodules the data order, augmentation and (PTB) the carried hidden
+    state continue too, from a checkpoint at any step, mid-epoch included. A datamodule whose
+    train loader keeps no state (a plain ``DataLoader``) is replayed exactly only from an
+    epoch-end checkpoint.
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000) -> None:
@@ -96,14 +99,28 @@ class ResumeCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        every = self._every_n_train_steps
-        if every >= 1 and trainer.global_step % every == 0 and self._fitting(trainer):
-            if self._last_global_step_saved != trainer.global_step:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        """Save every ``every_n_train_steps`` steps, after the last batch of every epoch and
+        at the final step (``max_steps``), so ``last.ckpt`` holds the weights training ended
+        with.
+
+        The epoch's checkpoint is written at the end of its last batch rather than in
+        ``on_train_epoch_end``: Lightning resumes a batch-end checkpoint into the next epoch
+        with the right epoch number and step counter in every case, whereas a step-limited
+        run (``max_steps``) resumed from an ``on_train_epoch_end`` checkpoint counts that
+        epoch twice (its next epoch would read another epoch's data order).
+        """
+        if not self._fitting(trainer) or self._last_global_step_saved == trainer.global_step:
+            return
+        every, step = self._every_n_train_steps, trainer.global_step
+        at_step = every >= 1 and step % every == 0
+        at_end = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
+            trainer.max_steps != -1 and step >= trainer.max_steps
+        )
+        if at_step or at_end:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._fitting(trainer):  # also when a step checkpoint fell on the same step
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return None
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         return None

@@ -1,25 +1,33 @@
 """The ``lit-divnorm`` command: LightningCLI over every task and datamodule of the project.
 
-    lit-divnorm fit --config configs/cifar10/dn_star.yaml
+    lit-divnorm fit --config configs/cifar10/dn_star.yaml        (logs to runs/cifar10/dn_star/)
+    lit-divnorm fit --config configs/cifar10/dn_star.yaml --ckpt_path last    (continues it)
     lit-divnorm fit --config configs/cifar10/bn.yaml --model.norm dn*
-    lit-divnorm test --config configs/cifar10/dn_star.yaml --ckpt_path path/to/last.ckpt
+    lit-divnorm test --config configs/cifar10/dn_star.yaml --ckpt_path last
     lit-divnorm sweep configs/cifar10/          (lit_divnorm.sweep: every config of a folder)
     lit-divnorm report runs/                    (lit_divnorm.report: tables beside the paper)
     lit-divnorm analyze CKPT --config CONFIG    (lit_divnorm.analysis: decorrelation, sparsity)
 
 Models and datamodules are chosen by ``class_path`` in the YAML (subclass mode), so a user's
-own ``LightningModule`` subclass works the same way.
+own ``LightningModule`` subclass works the same way. Runs are named after the first
+``--config`` file (:mod:`lit_divnorm.runs`); ``--ckpt_path last`` continues that
+experiment's latest run and prints one line saying which checkpoint (step, path) it took, or
+that there was none and training starts at step 0. Every checkpoint is read weights-only.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.layer_sync import LayerSync
 
 from lit_divnorm.checkpoint import (
@@ -29,6 +37,23 @@ from lit_divnorm.checkpoint import (
 )
 from lit_divnorm.cli_errors import friendly_errors
 from lit_divnorm.distributed import NormSync
+from lit_divnorm.runs import (
+    HPC_CHECKPOINT_GLOB,
+    RUN_DIR_VARIABLE,
+    RunCSVLogger,
+    checkpoint_step,
+    experiment_name,
+    holds_files,
+    is_rank_zero,
+    latest_resumable,
+    newest,
+    next_version,
+    run_checkpoints,
+)
+
+DEFAULT_SAVE_DIR = "runs"
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # resolved by Lightning or here
+MANAGED_LOGGERS = (CSVLogger, TensorBoardLogger)
 
 
 class DivNormCLI(LightningCLI):
@@ -41,7 +66,22 @@ class DivNormCLI(LightningCLI):
     Checkpoints are written atomically and read weights-only
     (:class:`~lit_divnorm.checkpoint.AtomicCheckpointIO`) unless a ``CheckpointIO`` plugin
     is given.
+
+    Run folders (:meth:`before_instantiate_classes`): with a CSV or TensorBoard logger, or
+    none configured (then a :class:`~lit_divnorm.runs.RunCSVLogger` in ``default_root_dir``,
+    ``runs/`` when that is not set either), the
+    logger's ``name`` defaults to the experiment (``<area>/<config stem>``) and its
+    ``version`` to the next free ``version_<N>`` (``fit``), the latest one with a checkpoint
+    (``fit --ckpt_path last``) or ``<subcommand>_<N>`` (``test``, ...: then a named version
+    says which run ``--ckpt_path last`` takes the checkpoint of); ``default_root_dir``
+    (where Lightning's SLURM requeue checkpoints go) defaults to the run folder. A ``fit``
+    that does not continue a folder's own run (``--ckpt_path last`` or a checkpoint inside
+    it) refuses a run folder that already holds files.
     """
+
+    _run_dir: Path | None = None  # the folder this run logs to, when managed
+    _source_dir: Path | None = None  # the run folder whose checkpoints "last" may take
+    _last: tuple[str, int] | None = None  # what "last" resolved to: (path, step)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # raise parsing errors (friendly_errors prints them in one paragraph) instead of
@@ -62,7 +102,7 @@ class DivNormCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
             return
         hparams = dict(load_checkpoint_safely(ckpt_path).get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
@@ -81,6 +121,136 @@ class DivNormCLI(LightningCLI):
                     "with, or leave the model out to take the checkpoint's."
                 )
         self.config = merged
+
+    def before_instantiate_classes(self) -> None:
+        """Name the run folder after the experiment (see the class docstring)."""
+        self._run_dir = self._source_dir = self._last = None
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        section = self.config[subcommand]
+        trainer = section.get("trainer") or {}
+        logger = trainer.get("logger")
+        configs = section.get("config") or []
+        experiment = experiment_name(os.fspath(configs[0])) if configs else None
+        if logger is None or logger is True:
+            if experiment is None:
+                return
+            save_dir = trainer.get("default_root_dir") or DEFAULT_SAVE_DIR
+            logger = {
+                "class_path": f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}",
+                "init_args": {"save_dir": str(save_dir)},
+            }
+        elif hasattr(logger, "as_dict"):
+            logger = logger.as_dict()
+        logger_class = _logger_class(logger.get("class_path")) if isinstance(logger, dict) else None
+        if logger_class is None or not issubclass(logger_class, MANAGED_LOGGERS):
+            return
+        if logger_class is CSVLogger:  # the same logger, minus the deletion of metrics.csv
+            logger["class_path"] = f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}"
+        init_args = dict(logger.get("init_args") or {})
+        name = init_args.get("name")
+        if name in (None, "", "lightning_logs"):
+            if experiment is None:
+                return
+            name = experiment
+        experiment_dir = Path(init_args.get("save_dir") or DEFAULT_SAVE_DIR) / name
+        version = init_args.get("version")
+        ckpt_path = section.get("ckpt_path")
+        run_dir = self._choose_run_dir(subcommand, experiment_dir, version, ckpt_path)
+        init_args.update(name=name, version=run_dir.name)
+        updates: dict[str, Any] = {"logger": {**logger, "init_args": init_args}}
+        if trainer.get("default_root_dir") is None:
+            updates["default_root_dir"] = str(run_dir)
+        self.config = self.parser.parse_object({subcommand: {"trainer": updates}}, self.config)
+        self._run_dir = run_dir
+
+    def _choose_run_dir(
+        self, subcommand: str, experiment_dir: Path, version: Any, ckpt_path: str | None
+    ) -> Path:
+        """The run folder of this command (see the class docstring); remembers in
+        ``_source_dir`` the folder whose checkpoints ``--ckpt_path last`` may take."""
+        if subcommand != "fit":  # logs apart; "last" is the named or latest fitted run's
+            named = experiment_dir / _version_name(version) if version is not None else None
+            self._source_dir = named or latest_resumable(experiment_dir)
+            return next_version(experiment_dir, prefix=subcommand)
+        run_of_checkpoint = (
+            _run_of_checkpoint(Path(ckpt_path), experiment_dir)
+            if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS
+            else None
+        )
+        if version is not None:
+            run_dir = experiment_dir / _version_name(version)
+        elif not is_rank_zero() and os.environ.get(RUN_DIR_VARIABLE):
+            run_dir = Path(os.environ[RUN_DIR_VARIABLE])  # the folder rank 0 chose
+        elif ckpt_path == "last":
+            run_dir = latest_resumable(experiment_dir) or next_version(experiment_dir)
+        else:
+            run_dir = run_of_checkpoint or next_version(experiment_dir)
+        if is_rank_zero():
+            os.environ[RUN_DIR_VARIABLE] = str(run_dir)  # inherited by the ranks it launches
+            present = holds_files(run_dir)
+            continues = ckpt_path in ("last", "hpc") or run_of_checkpoint == run_dir
+            if present and not continues:
+                raise ValueError(
+                    f"run folder {str(run_dir)!r} already holds a run ({', '.join(present[:5])}); "
+                    "a new run never writes into another run's folder. Continue it with "
+                    "--ckpt_path last, or name another version "
+                    "(--trainer.logger.init_args.version=...)."
+                )
+        self._source_dir = run_dir
+        return run_dir
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's keyword arguments, with ``ckpt_path="last"`` resolved here (one line
+        says which checkpoint, or that there is none); a resumed ``RunCSVLogger`` moves the
+        rows logged after the checkpoint aside."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = self._resolve_last(subcommand)
+        logger = self.trainer.logger
+        if subcommand == "fit" and isinstance(logger, RunCSVLogger) and self._run_dir:
+            ckpt_path = kwargs.get("ckpt_path")
+            if ckpt_path is None or ckpt_path in SPECIAL_CKPT_PATHS:
+                step = 0
+            elif self._last is not None and self._last[0] == ckpt_path:
+                step = self._last[1]
+            elif _run_of_checkpoint(Path(ckpt_path), self._run_dir.parent) == self._run_dir:
+                step = checkpoint_step(ckpt_path)
+            else:
+                step = 0  # another run's weights: this folder's history starts over
+            logger.supersede_from(step)
+        return kwargs
+
+    def _resolve_last(self, subcommand: str) -> str | None:
+        """The newest resumable checkpoint of this run (its ``ModelCheckpoint`` folders'
+        ``last.ckpt``, Lightning's SLURM ``hpc_ckpt_*.ckpt``), or of the experiment's latest
+        fitted run for ``test``/``validate``/``predict`` (which refuse to run without one)."""
+        trainer = self.trainer
+        candidates = [] if self._source_dir is None else run_checkpoints(self._source_dir)
+        if subcommand == "fit" or self._run_dir is None:
+            default_dir = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    folder = Path(callback.dirpath) if callback.dirpath else default_dir
+                    last = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
+                    candidates.append(folder / last)
+            candidates += sorted(Path(trainer.default_root_dir).glob(HPC_CHECKPOINT_GLOB))
+        chosen = newest(candidates)
+        where = self._source_dir or self._run_dir or Path(trainer.default_root_dir)
+        if chosen is None:
+            if subcommand != "fit":
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no checkpoint of this experiment to {subcommand} "
+                    f"(looked in {where}); pass the checkpoint file with --ckpt_path PATH"
+                )
+            _say(f"--ckpt_path last: no checkpoint in {where}; starting at step 0")
+            return None
+        step = checkpoint_step(chosen)
+        action = "resuming from" if subcommand == "fit" else f"{subcommand} with"
+        _say(f"{action} {chosen} (step {step})")
+        self._last = (str(chosen), step)
+        return str(chosen)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if "plugins" not in kwargs:
@@ -103,6 +273,41 @@ TOOL_COMMANDS = {
     "report": "lit_divnorm.report",
     "analyze": "lit_divnorm.analysis",
 }
+
+
+def _logger_class(class_path: Any) -> type | None:
+    """The class ``class_path`` names (``None`` if it names none)."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _version_name(version: Any) -> str:
+    """The folder name Lightning's loggers give a version: ``version_<N>`` for an int."""
+    return f"version_{version}" if isinstance(version, int) else str(version)
+
+
+def _run_of_checkpoint(ckpt_path: Path, experiment_dir: Path) -> Path | None:
+    """The run folder of ``experiment_dir`` that holds ``ckpt_path`` (directly, or in its
+    ``checkpoints/``), else ``None``."""
+    try:
+        relative = ckpt_path.resolve().relative_to(experiment_dir.resolve())
+    except ValueError:
+        return None
+    if len(relative.parts) < 2:
+        return None
+    return experiment_dir / relative.parts[0]
+
+
+def _say(message: str) -> None:
+    """One line on stdout, from rank 0 only."""
+    if is_rank_zero():
+        print(f"lit-divnorm: {message}", flush=True)
 
 
 def _model_differences(given: Any, saved: Any) -> list[str]:

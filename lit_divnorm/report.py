@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from lit_divnorm.paper_results import PAPER_DECORRELATION, PAPER_TABLES
-from lit_divnorm.sweep import DONE_MARKER, FAILED_MARKER, versions
+from lit_divnorm.runs import versions
+from lit_divnorm.sweep import DONE_MARKER, FAILED_MARKER
 
 Series = list[tuple[int, float]]
 
@@ -111,11 +112,19 @@ def _belongs(area: str, areas: Iterable[str]) -> bool:
 
 
 def column_of(run: Run, table: dict[str, Any]) -> str:
-    """The table column a run fills: its area, or ``"<eval set> x<scale>"`` for SR."""
+    """The table column a run fills: its area, or ``"<test set> x<scale>"`` for SR.
+
+    An SR run's test figure is that of the checkpoint chosen on its validation set (the
+    sweep tests the best ``val/psnr`` checkpoint); a run that validated on its test set
+    (``allow_same_val_test``) goes to a column of its own, ``"... (val = test)"``, never
+    beside the paper's figure.
+    """
     if table["column_from"] == "sr_eval":
         data = ((run.config or {}).get("data") or {}).get("init_args") or {}
-        if "eval_dir" in data and "scale" in data:
-            return f"{Path(str(data['eval_dir'])).name} x{data['scale']}"
+        if "test_dir" in data and "scale" in data:
+            test = Path(str(data["test_dir"])).name
+            same = Path(str(data.get("val_dir"))).name == test
+            return f"{test} x{data['scale']}" + (" (val = test)" if same else "")
     return run.area
 
 

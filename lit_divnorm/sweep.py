@@ -12,10 +12,13 @@ and logs with a CSV logger forced to::
     <runs dir>/<area>/<config stem>/version_<N>/   metrics.csv, config.yaml, checkpoints/, DONE
 
 where ``area`` is the config's folder below the nearest ancestor named ``configs`` (e.g.
-``cifar10``, ``ptb/lstm``, ``sr/x3``), or below the swept folder's parent otherwise. A run that
-ends writes ``DONE`` (JSON: config, steps, test metrics); a run that raises writes ``FAILED``
-(the traceback) and the sweep goes on. Re-running the sweep skips every config that has a
-``DONE`` version, and starts a new version for the others.
+``cifar10``, ``ptb/lstm``, ``sr/x3``), or below the swept folder's parent otherwise: the same
+folder ``lit-divnorm fit --config`` logs to (:mod:`lit_divnorm.runs`). A run that ends writes
+``DONE`` (JSON: config, steps, test metrics); a run that raises writes ``FAILED`` (the
+traceback) and the sweep goes on. Re-running the sweep skips every config that has a ``DONE``
+version, continues (``--ckpt_path last``) the latest version of a config that was stopped
+without failing (killed, preempted: neither marker) and holds a checkpoint, and starts a new
+version for the others.
 
 By default every run is its own Python process (a crash cannot take the sweep down, and
 Lightning's multi-GPU launcher can re-launch that process for its other ranks);
@@ -27,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shlex
 import subprocess
 import sys
@@ -38,9 +39,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_divnorm.runs import (
+    RunCSVLogger,
+    experiment_area,
+    is_rank_zero,
+    next_version,
+    run_checkpoints,
+    versions,
+)
+
 DONE_MARKER = "DONE"
 FAILED_MARKER = "FAILED"
-VERSION_PATTERN = re.compile(r"^version_(\d+)$")
 
 
 @dataclass
@@ -48,13 +59,14 @@ class SweepRun:
     """One config of a sweep: where it logs and what became of it.
 
     ``status``: ``"done"``, ``"failed"``, ``"skipped"`` (an earlier version finished) or
-    ``"planned"`` (dry run).
+    ``"planned"`` (dry run); ``resume``: ``log_dir`` is a stopped run that this one continues.
     """
 
     config: Path
     area: str
     log_dir: Path
     status: str
+    resume: bool = False
 
 
 def find_configs(config_dir: str | Path) -> list[Path]:
@@ -77,21 +89,7 @@ def find_configs(config_dir: str | Path) -> list[Path]:
 def area_of(config: Path, config_dir: Path) -> str:
     """``configs/ptb/lstm/dn.yaml`` -> ``"ptb/lstm"``; without a ``configs`` ancestor, the
     config's folder relative to the parent of the swept folder."""
-    folder = config.resolve().parent
-    for ancestor in folder.parents:
-        if ancestor.name == "configs":
-            return folder.relative_to(ancestor).as_posix()
-    return folder.relative_to(Path(config_dir).resolve().parent).as_posix()
-
-
-def versions(run_root: Path) -> list[Path]:
-    """The ``version_<N>`` folders of one config's runs, by increasing ``N``."""
-    if not run_root.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p) for p in run_root.iterdir() if (m := VERSION_PATTERN.match(p.name))
-    ]
-    return [path for _, path in sorted(found)]
+    return experiment_area(config, Path(config_dir).resolve().parent)
 
 
 def finished_version(run_root: Path) -> Path | None:
@@ -100,16 +98,21 @@ def finished_version(run_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def next_version(run_root: Path) -> Path:
-    existing = versions(run_root)
-    number = int(VERSION_PATTERN.match(existing[-1].name).group(1)) + 1 if existing else 0
-    return run_root / f"version_{number}"
+def stopped_version(run_root: Path) -> Path | None:
+    """The latest version if it was stopped without failing (no ``DONE``, no ``FAILED``) and
+    holds a checkpoint to continue from, else ``None``."""
+    found = versions(run_root)
+    if not found:
+        return None
+    latest = found[-1]
+    markers = (latest / DONE_MARKER).is_file() or (latest / FAILED_MARKER).is_file()
+    return latest if not markers and run_checkpoints(latest) else None
 
 
 def logger_override(log_dir: Path) -> str:
     """``--trainer.logger=...``: a CSVLogger writing exactly into ``log_dir``."""
     logger = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "class_path": f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}",
         "init_args": {
             "save_dir": str(log_dir.parent.parent),
             "name": log_dir.parent.name,
@@ -119,13 +122,6 @@ def logger_override(log_dir: Path) -> str:
     return f"--trainer.logger={json.dumps(logger)}"
 
 
-def _is_rank_zero() -> bool:
-    """Whether this process is rank 0 of a (possibly distributed) launch, from the usual
-    environment variables (torchrun, SLURM, Lightning's own launcher); true when none is set."""
-    names = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
-    return all(os.environ.get(name, "0") == "0" for name in names)
-
-
 def _metrics_of(trainer: Any) -> dict[str, float]:
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
@@ -133,9 +129,11 @@ def _metrics_of(trainer: Any) -> dict[str, float]:
 def run_one(config: str | Path, log_dir: str | Path, overrides: list[str] | tuple = ()) -> dict:
     """Fit then test one config in this process, logging into ``log_dir``.
 
-    Writes ``log_dir/DONE`` (JSON summary, also returned) when both end normally, and
-    ``log_dir/FAILED`` (the traceback) when anything raises; the exception propagates.
-    Under a distributed launch only rank 0 writes the markers.
+    Fits with ``--ckpt_path last``: a ``log_dir`` holding a checkpoint of a stopped run is
+    continued. Writes ``log_dir/DONE`` (JSON summary, also returned) when both end normally,
+    and ``log_dir/FAILED`` (the traceback) when anything raises, except a stop by SIGTERM or
+    Ctrl-C (the run can be continued); the exception propagates. Under a distributed launch
+    only rank 0 writes the markers.
     """
     from lit_divnorm.cli import run_cli
 
@@ -144,6 +142,7 @@ def run_one(config: str | Path, log_dir: str | Path, overrides: list[str] | tupl
     started = time.time()
     try:
         args = ["fit", "--config", str(config), *overrides, logger_override(log_dir)]
+        args += ["--ckpt_path", "last"]
         cli = run_cli(args)
         trainer = cli.trainer
         if trainer.interrupted:
@@ -162,8 +161,10 @@ def run_one(config: str | Path, log_dir: str | Path, overrides: list[str] | tupl
             "fit_metrics": fit_metrics,
             "test_metrics": _metrics_of(trainer),
         }
+    except (SIGTERMException, KeyboardInterrupt):
+        raise
     except BaseException:
-        if _is_rank_zero():
+        if is_rank_zero():
             (log_dir / FAILED_MARKER).write_text(traceback.format_exc())
         raise
     if trainer.is_global_zero:
@@ -181,8 +182,11 @@ def plan(config_dir: str | Path, runs_dir: str | Path, only: str | None = None) 
         area = area_of(config, config_dir)
         run_root = runs_dir / area / config.stem
         done = finished_version(run_root)
+        stopped = stopped_version(run_root)
         if done is not None:
             runs.append(SweepRun(config, area, done, "skipped"))
+        elif stopped is not None:
+            runs.append(SweepRun(config, area, stopped, "planned", resume=True))
         else:
             runs.append(SweepRun(config, area, next_version(run_root), "planned"))
     if only is not None and not runs:
@@ -205,10 +209,11 @@ def sweep(
         if run.status == "skipped":
             print(f"[sweep] skip {run.config} (finished: {run.log_dir})", flush=True)
             continue
+        verb = "continue" if run.resume else "run"
         if dry_run:
-            print(f"[sweep] would run {run.config} -> {run.log_dir}", flush=True)
+            print(f"[sweep] would {verb} {run.config} -> {run.log_dir}", flush=True)
             continue
-        print(f"[sweep] run {run.config} -> {run.log_dir}", flush=True)
+        print(f"[sweep] {verb} {run.config} -> {run.log_dir}", flush=True)
         if in_process:
             try:
                 run_one(run.config, run.log_dir, overrides)

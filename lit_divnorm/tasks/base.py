@@ -17,15 +17,16 @@ adds the penalty in training and logs it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lit_divnorm.checkpoint import check_compatible
+from lit_divnorm.checkpoint import check_compatible, load_checkpoint_safely
 from lit_divnorm.distributed import use_norm_sync
 from lit_divnorm.norm.layers import DivisiveNorm
 from lit_divnorm.norm.sparsity import clear_sparsity, records_sparsity, sparsity_penalty
@@ -97,6 +98,40 @@ class NormalizedTask(LightningModule):
         hyper-parameters and weights, instead of a silent or partial load.
         """
         check_compatible(checkpoint, self.hparams, self.state_dict(), type(self).__name__)
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike | IO,
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, always weights-only and config-checked.
+
+        The file is first read with :func:`~lit_divnorm.checkpoint.load_checkpoint_safely`
+        (``ValueError`` naming what it holds when it is not plain tensors and containers:
+        nothing in it runs), then Lightning builds the task with ``weights_only=True``, and
+        :meth:`on_load_checkpoint` refuses weights of another configuration (e.g. a ``kwargs``
+        override of a hyper-parameter). ``weights_only=False`` is refused.
+        """
+        if weights_only is False:
+            raise ValueError(
+                "weights_only=False is refused: lit-divnorm reads checkpoints weights-only so "
+                "that no code stored in a file runs; leave weights_only out"
+            )
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            load_checkpoint_safely(checkpoint_path)
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=True,
+            **kwargs,
+        )
 
     def log_loss(self, stage: Stage, loss: Tensor, batch_size: int) -> None:
         """Log ``<stage>/loss``: per step and per epoch in training; per epoch, averaged over

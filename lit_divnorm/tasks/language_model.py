@@ -3,7 +3,9 @@
 Batches are consecutive windows ``(inputs, targets)`` of ``N`` parallel token streams, each
 ``(N, T)`` (see ``datamodules.ptb``). The hidden state at the end of a window starts the next
 one, detached from the graph (truncated back-propagation through time); it is reset to zeros at
-the start of every training, validation and test epoch. The training loss is the paper's: the
+the start of every training, validation and test epoch. The training state travels in every
+checkpoint (``checkpoint["carried_state"]``), so a run resumed inside an epoch continues from
+the state the killed run had reached. The training loss is the paper's: the
 cross-entropy summed over the ``T`` steps and averaged over the ``N`` streams, plus the sparsity
 penalty of the norms (added by :class:`NormalizedTask`)::
 
@@ -22,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -133,6 +136,20 @@ class LanguageModelTask(NormalizedTask):
     def on_test_epoch_start(self) -> None:
         self.reset_state("test")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the carried training state (tensors in nested tuples: weights-only safe)."""
+        checkpoint["carried_state"] = self._states.get("train")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the configuration (see :class:`NormalizedTask`) and take back the carried
+        training state; the first window after a resume inside an epoch starts from it."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("carried_state")
+        if state is None:
+            self._states.pop("train", None)
+        else:
+            self._states["train"] = state
+
     def _check_vocabulary(self) -> None:
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
@@ -154,6 +171,7 @@ class LanguageModelTask(NormalizedTask):
         state = self._states.get(stage) if self.carry_state else None
         if state_batch_size(state) not in (None, inputs.shape[0]):
             state = None
+        state = move_data_to_device(state, inputs.device)
         logits, state = self.model(inputs, state)
         self._states[stage] = detach_state(state)
         nll_sum = F.cross_entropy(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import urllib.error
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_paper_preprocessing_subtracts_the_training_mean_image(tmp_path):
 
 def test_resnet_preprocessing_crops_and_flips_training_images(tmp_path):
     write_cifar10(tmp_path, batches=(1,), n=10)
-    dm = CIFAR10DataModule(tmp_path, preprocessing="resnet")
+    dm = CIFAR10DataModule(tmp_path, preprocessing="resnet", seed=3)
     dm.setup("fit")
     raw = dm.train_set.images[4].double() / 255
     np.testing.assert_allclose(dm.test_set[2][0].numpy(), dm.test_set.images[2].numpy() / 255)
@@ -72,14 +73,39 @@ def test_resnet_preprocessing_crops_and_flips_training_images(tmp_path):
         for top in range(9) for left in range(9) for flip in (False, True)
     }  # fmt: skip
     seen = set()
-    for _ in range(60):
-        image = dm.train_set[4][0].double()
+    for epoch in range(60):  # the same sample in 60 epochs: (seed, epoch, index) draws
+        image = dm.train_set[(epoch, 4)][0].double()
         assert image.shape == (3, 32, 32)
         matches = [key for key, crop in candidates.items() if torch.allclose(image, crop)]
         assert matches, "a training image must be a crop of the padded image, maybe flipped"
         seen.update(matches)
+        torch.testing.assert_close(dm.train_set[(epoch, 4)][0], image.float())  # repeatable
     assert {flip for _, _, flip in seen} == {False, True}
     assert len({(top, left) for top, left, _ in seen}) > 5
+    # a batch drawn at once is the items drawn one by one
+    keys = [(7, 4), (7, 1), (8, 4)]
+    batch = dm.train_set.__getitems__(keys)
+    for key, (image, label) in zip(keys, batch):
+        torch.testing.assert_close(image, dm.train_set[key][0])
+        assert label == dm.train_set.labels[key[1]]
+
+
+def test_training_order_is_seeded_and_sharded(tmp_path):
+    """The loader's order is ``randperm`` seeded with ``seed + epoch``, every epoch another;
+    the ranks of a (simulated) DDP run read disjoint halves that cover the set."""
+    write_cifar10(tmp_path, batches=(1,), n=20)
+    labels = []
+    for rank in (0, 1):
+        dm = CIFAR10DataModule(tmp_path, batch_size=5, seed=11)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(2)
+        order = torch.randperm(20, generator=torch.Generator().manual_seed(11 + 2))[rank::2]
+        got = torch.cat([y for _, y in loader])
+        torch.testing.assert_close(got, dm.train_set.labels[order])
+        labels.append(order)
+    assert sorted(torch.cat(labels).tolist()) == list(range(20))
 
 
 def test_seeded_validation_split(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from lit_divnorm.analysis import (
     sigma_history,
     units_matrix,
 )
+from lit_divnorm.checkpoint import load_checkpoint_safely
 from lit_divnorm.cli import main as cli_main
 from lit_divnorm.norm import build_norm
 from tests.results.tiny_configs import write_tiny_sweep
@@ -149,7 +151,7 @@ def test_sigma_history_reads_the_sigma_columns(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_analyze_cli_on_a_swept_checkpoint_and_report_table_10(tmp_path):
+def test_analyze_cli_on_a_swept_checkpoint_and_report_table_10(tmp_path, capsys):
     norm = {"name": "dn", "sigma": 0.5, "learn_sigma": True}
     folder = write_tiny_sweep(tmp_path, {"dn": norm})
     runs = tmp_path / "runs"
@@ -168,7 +170,7 @@ def test_analyze_cli_on_a_swept_checkpoint_and_report_table_10(tmp_path):
             assert image.format == "PNG" and image.width >= 400 and image.height >= 300
 
     history = sigma_history(run_dir)
-    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    state = load_checkpoint_safely(checkpoint)["state_dict"]
     assert len(history) == 3 == len([k for k in state if "sigma" in k])  # one per conv layer
     assert all(len(series) == 4 for series in history.values())  # logged every step
     assert all(series[0][1] == pytest.approx(0.5, abs=1e-3) for series in history.values())
@@ -179,3 +181,42 @@ def test_analyze_cli_on_a_swept_checkpoint_and_report_table_10(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     corr, mi = result["mean_abs_correlation"], result["mean_mutual_information_nats"]
     assert cells == ["cifar10/dn", f"{corr:.4f}", "0.1958", f"{mi:.4f}", "0.8951"]
+
+    # the same checkpoint with another model configuration: refused, naming the difference
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["analyze", str(checkpoint), "--config", str(folder / "dn.yaml"), "--",
+                  "--model.init_args.norm=bn"])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "CheckpointMismatchError" in err and "norm: checkpoint" in err
+
+
+class _RunsCommand:
+    """Unpickling this calls ``os.system(command)``: what a malicious checkpoint would hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_analyze_refuses_a_checkpoint_whose_pickle_would_run_a_command(
+    tmp_path, capsys, monkeypatch
+):
+    folder = write_tiny_sweep(tmp_path, {"dn": "dn"})
+    monkeypatch.chdir(tmp_path)
+    control, marker = tmp_path / "control_ran", tmp_path / "payload_ran"
+    torch.save({"x": _RunsCommand(f"touch {control}")}, tmp_path / "control.ckpt")
+    torch.load(tmp_path / "control.ckpt", weights_only=False)  # an unsafe load runs it
+    assert control.exists()
+    evil = tmp_path / "evil.ckpt"
+    payload = _RunsCommand(f"touch {marker}")
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": payload}, evil)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["analyze", str(evil), "--config", str(folder / "dn.yaml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "evil.ckpt" in err and "will not run code" in err and "system" in err
+    assert not marker.exists()  # the command never ran
+    assert not (tmp_path / "analysis").exists()  # and nothing was written

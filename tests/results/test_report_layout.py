@@ -49,7 +49,7 @@ def test_ptb_and_sr_tables(tmp_path):
     _run(runs, "ptb/lstm", "ln", 0, [{"step": 1, "test/ppl": 999.0}], done=False, failed=True)
     _run(runs, "ptb/lstm", "ln", 1, [{"step": 9, "test/ppl": 120.5}])
     _run(runs, "ptb/relu_rnn", "bn", 0, [{"step": 3, "val/ppl": 500.0}], done=False)  # running
-    sr = {"data": {"init_args": {"eval_dir": "/data/sr/Set14", "scale": 3}}}
+    sr = {"data": {"init_args": {"val_dir": "Set5", "test_dir": "/data/sr/Set14", "scale": 3}}}
     metrics = {
         "test/psnr": 29.0,
         "test/ssim": 0.82,
@@ -57,6 +57,11 @@ def test_ptb_and_sr_tables(tmp_path):
         "test/ssim_bicubic": 0.77,
     }
     _run(runs, "sr/x3", "dn_star", 0, [{"step": 7, **metrics}], config=sr)
+    # validated on its own test set (allow_same_val_test): never beside the paper's figure
+    chosen_on_test = {
+        "data": {"init_args": {"val_dir": "BSD200", "test_dir": "BSD200", "scale": 4}}
+    }
+    _run(runs, "sr/x4", "dn_star", 0, [{"step": 7, **metrics}], config=chosen_on_test)
     _run(runs, "other", "thing", 0, [{"step": 2, "val/loss": 0.25}])
     found = {(r.area, r.name): (r.status, r.log_dir.name) for r in collect_runs(runs)}
     assert found == {
@@ -64,6 +69,7 @@ def test_ptb_and_sr_tables(tmp_path):
         ("ptb/lstm", "ln"): ("done", "version_1"),
         ("ptb/relu_rnn", "bn"): ("unfinished", "version_0"),
         ("sr/x3", "dn_star"): ("done", "version_0"),
+        ("sr/x4", "dn_star"): ("done", "version_0"),
         ("other", "thing"): ("done", "version_0"),
     }
 
@@ -74,7 +80,9 @@ def test_ptb_and_sr_tables(tmp_path):
     assert ptb["BN"][6] == "unfinished" and ptb["BN"][7] == "164.977"
     assert ptb["Baseline"][0] == "missing"
     psnr = _rows(markdown, "Table 5: super-resolution PSNR (dB)")
-    assert psnr["DN*"][:3] == ["29.00", "29.34", "-0.34"]  # column "Set14 x3" from the config
+    assert psnr["DN*"][:3] == ["29.00", "29.34", "-0.34"]  # column "Set14 x3": test_dir
+    assert psnr["DN*"][9:12] == ["missing", "26.96", "—"]  # BSD200 x4: no run chosen on val
+    assert "BSD200 x4 (val = test) ours" in markdown
     assert psnr["Bicubic"][:3] == ["27.50", "27.54", "-0.04"]
     assert psnr["A+"][0] == "not run" and psnr["SRCNN"][0] == "missing"
     ssim = _rows(markdown, "Table 6: super-resolution SSIM")

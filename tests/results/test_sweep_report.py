@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from lit_divnorm.cli import main as cli_main
@@ -72,6 +74,24 @@ def test_rerun_skips_finished_runs_and_retries_failed_ones(swept):
     assert status == {"bn": "skipped", "dn_star": "skipped", "bn_l1": "failed"}
     assert not (runs / "cifar10" / "bn" / "version_1").exists()
     assert (runs / "cifar10" / "bn_l1" / "version_1" / FAILED_MARKER).is_file()
+
+
+def test_a_stopped_run_is_continued_in_its_own_folder(tmp_path):
+    """A run killed after a checkpoint (no DONE, no FAILED) is continued with --ckpt_path
+    last by the next sweep, in the same version folder, and its metrics kept."""
+    folder = write_tiny_sweep(tmp_path, {"bn": "bn"})
+    runs = tmp_path / "runs"
+    args = ["sweep", str(folder), "--runs-dir", str(runs), "--in-process"]
+    cli_main([*args, "--", "--trainer.max_steps=3"])  # one epoch, then "killed":
+    stopped = runs / "cifar10" / "bn" / "version_0"
+    (stopped / DONE_MARKER).unlink()
+    assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    (run,) = cli_main(args)  # the configs' own max_steps: 6
+    assert (run.status, run.log_dir, run.resume) == ("done", stopped, True)
+    assert json.loads((stopped / DONE_MARKER).read_text())["global_step"] == 6
+    assert not (runs / "cifar10" / "bn" / "version_1").exists()
+    steps = [int(row["step"]) for row in csv.DictReader((stopped / "metrics.csv").open())]
+    assert set(range(6)) <= set(steps)  # the first attempt's rows (0-2) are still there
 
 
 def test_report_table_has_ours_beside_the_paper_and_marks_missing_runs(swept, tmp_path):

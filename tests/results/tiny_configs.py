@@ -21,8 +21,8 @@ def tiny_config(data_dir: Path, norm: object, max_steps: int = 6) -> dict:
             "enable_model_summary": False,
             "callbacks": [
                 {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"save_last": True},
+                    "class_path": "lit_divnorm.callbacks.ResumeCheckpoint",
+                    "init_args": {"every_n_train_steps": 0},  # last.ckpt after every epoch
                 }
             ],
         },

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -148,3 +150,15 @@ class SqrtOfZero(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + torch.sqrt(x * 0.0)
+
+
+class KillAt(Callback):
+    """SIGKILL this process at the start of the batch after optimizer step ``step`` (after any
+    checkpoint of that step was written): a crash with no chance to clean up."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -16,7 +16,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_divnorm.callbacks import NonFiniteDetector, NonFiniteError
-from lit_divnorm.checkpoint import AtomicCheckpointIO, atomic_torch_save, load_checkpoint_safely
+from lit_divnorm.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointMismatchError,
+    atomic_torch_save,
+    load_checkpoint_safely,
+)
 from lit_divnorm.cli import main
 from lit_divnorm.tasks.classification import ClassificationTask
 from tests.cifar.fixtures import write_cifar10
@@ -185,12 +190,56 @@ class _RunsCode:
 
 
 def test_load_from_checkpoint_does_not_run_code_from_the_file(tmp_path):
-    """``Task.load_from_checkpoint`` (Lightning -> ``torch.load``, weights-only by default
-    since torch 2.6) and our reader both refuse a pickle that would call ``os.mkdir``."""
+    """``Task.load_from_checkpoint`` reads through our weights-only reader (its message, not
+    only torch's), refuses ``weights_only=False``, and so does every other entry point."""
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "x": _RunsCode(str(tmp_path / "pwned"))}, evil)
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(ValueError, match="will not run code"):
         ClassificationTask.load_from_checkpoint(evil)
+    with pytest.raises(ValueError, match="weights_only=False is refused"):
+        ClassificationTask.load_from_checkpoint(evil, weights_only=False)
     with pytest.raises(ValueError, match="will not run code"):
         load_checkpoint_safely(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def _saved_task(tmp_path, norm: str = "dn*"):
+    torch.manual_seed(0)
+    task = ClassificationTask(arch="small_cnn", norm=norm, num_classes=10)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(task)
+    path = tmp_path / "task.ckpt"
+    trainer.save_checkpoint(path)
+    return task, path
+
+
+def test_load_from_checkpoint_restores_and_checks_the_configuration(tmp_path):
+    task, path = _saved_task(tmp_path)
+    restored = ClassificationTask.load_from_checkpoint(path)
+    for key, value in task.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    # Lightning merges the override into the saved hyper-parameters; the weights tell
+    with pytest.raises(CheckpointMismatchError, match="weights missing from the checkpoint"):
+        ClassificationTask.load_from_checkpoint(path, norm="bn")
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_cli_refuses_a_code_running_checkpoint_before_running_it(tmp_path, capsys, subcommand):
+    data = write_cifar10(tmp_path / "data", batches=(1,), n=16)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": _RunsCode(str(tmp_path / "pwned"))}, evil)
+    args = [
+        subcommand,
+        "--model=lit_divnorm.tasks.classification.ClassificationTask",
+        "--data=datamodules.cifar.CIFAR10DataModule",
+        f"--data.data_dir={data}",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--ckpt_path",
+        str(evil),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "will not run code" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()

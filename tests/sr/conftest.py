@@ -24,7 +24,8 @@ def write_rgb(path: Path, height: int, width: int, seed: int) -> np.ndarray:
 
 @pytest.fixture
 def sr_folders(tmp_path: Path) -> Path:
-    """``tmp_path/train`` (RGB PNG, BMP, JPEG) and ``tmp_path/eval`` (RGB PNG + gray BMP)."""
+    """``tmp_path/train`` (RGB PNG, BMP, JPEG), ``tmp_path/eval`` (RGB PNG + gray BMP: the
+    validation set) and ``tmp_path/test`` (two RGB PNG)."""
     train = tmp_path / "train"
     evaluation = tmp_path / "eval"
     train.mkdir()
@@ -35,4 +36,7 @@ def sr_folders(tmp_path: Path) -> Path:
     write_rgb(evaluation / "rgb.png", 41, 38, 3)
     gray = write_rgb(tmp_path / "unused.png", 36, 45, 4)[..., 0]
     Image.fromarray(gray, "L").save(evaluation / "gray.bmp")
+    (tmp_path / "test").mkdir()
+    write_rgb(tmp_path / "test" / "t1.png", 33, 35, 5)
+    write_rgb(tmp_path / "test" / "t2.png", 30, 44, 6)
     return tmp_path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from lit_divnorm.cli import main
 from lit_divnorm.norm.layers import DivisiveNorm
@@ -19,6 +20,21 @@ def test_every_scale_has_baseline_bn_and_dn_star():
     assert expected <= names
 
 
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_checkpoints_are_chosen_on_validation_and_reported_on_a_paper_test_set(scale):
+    """Validate on Set5 (the released code's set), test on Set14 (PAPER.md Tables 5-6), and
+    choose the checkpoint on val/psnr: the test figure is never selected on the test set."""
+    folder = REPO_ROOT / "configs" / "sr"
+    data = yaml.safe_load((folder / f"x{scale}" / "_data.yaml").read_text())["init_args"]
+    assert (data["val_dir"], data["test_dir"]) == ("Set5", "Set14")
+    assert not data.get("allow_same_val_test", False)
+    callbacks = yaml.safe_load((folder / "_trainer.yaml").read_text())["callbacks"]
+    first = callbacks[0]  # the trainer's checkpoint_callback: what the sweep tests ("best")
+    assert first["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
+    assert (first["init_args"]["monitor"], first["init_args"]["mode"]) == ("val/psnr", "max")
+    assert any(c["class_path"] == "lit_divnorm.callbacks.ResumeCheckpoint" for c in callbacks)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_runs_fast_dev_run(config, sr_folders, tmp_path):
     cli = main(
@@ -30,7 +46,8 @@ def test_config_runs_fast_dev_run(config, sr_folders, tmp_path):
             f"--trainer.default_root_dir={tmp_path / 'run'}",
             f"--data.data_dir={sr_folders}",
             "--data.train_dir=train",
-            "--data.eval_dir=eval",
+            "--data.val_dir=eval",
+            "--data.test_dir=test",
         ]
     )
     scale = int(config.parent.name[1:])

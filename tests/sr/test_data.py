@@ -17,7 +17,7 @@ from .conftest import write_rgb
 
 
 def _dirs(root) -> dict[str, str]:
-    return {"data_dir": str(root), "train_dir": "train", "eval_dir": "eval"}
+    return {"data_dir": str(root), "train_dir": "train", "val_dir": "eval", "test_dir": "test"}
 
 
 def _matlab_y(pixels: np.ndarray) -> np.ndarray:
@@ -71,12 +71,12 @@ def test_eval_pairs_crop_to_multiple_and_bicubic_degrade(sr_folders, scale):
     data = SuperResolutionDataModule(**_dirs(sr_folders), scale=scale)
     data.prepare_data()
     data.setup("validate")
-    assert data.eval_names == ["gray.bmp", "rgb.png"]
+    assert data.val_names == ["gray.bmp", "rgb.png"] and data.test_set is None
     loader = data.val_dataloader()
     batches = list(loader)
     assert len(batches) == 2
     sizes = {"gray.bmp": (36, 45), "rgb.png": (41, 38)}
-    for name, (bicubic, hr) in zip(data.eval_names, batches, strict=True):
+    for name, (bicubic, hr) in zip(data.val_names, batches, strict=True):
         height, width = sizes[name]
         expected = (1, 1, height - height % scale, width - width % scale)
         assert bicubic.shape == hr.shape == expected
@@ -123,7 +123,7 @@ def test_images_smaller_than_the_patch_are_left_out(sr_folders):
 def test_missing_known_set_names_the_folder_to_fill(tmp_path):
     (tmp_path / "T91").mkdir()
     write_rgb(tmp_path / "T91" / "a.png", 40, 40, 0)
-    data = SuperResolutionDataModule(data_dir=str(tmp_path), eval_dir="Set14")
+    data = SuperResolutionDataModule(data_dir=str(tmp_path), val_dir="T91", test_dir="Set14")
     with pytest.raises(FileNotFoundError, match="Set14") as error:
         data.prepare_data()
     assert str(tmp_path / "Set14") in str(error.value)
@@ -135,7 +135,8 @@ def test_failed_download_is_reported_with_the_folder(tmp_path):
     data = SuperResolutionDataModule(
         data_dir=str(tmp_path / "sets"),
         train_dir=str(tmp_path),
-        eval_dir="Set5",
+        val_dir="Set5",
+        test_dir=str(tmp_path),
         download_urls={"Set5": (tmp_path / "nowhere.zip").as_uri()},
     )
     with pytest.raises(FileNotFoundError, match="download") as error:
@@ -155,10 +156,46 @@ def test_download_from_an_archive_url_fills_the_folder(tmp_path):
     data = SuperResolutionDataModule(
         data_dir=str(tmp_path / "data"),
         train_dir=str(source),
+        test_dir=str(source),
         download_urls={"set5": archive.as_uri()},
     )
     data.prepare_data()
     assert sorted(p.name for p in (tmp_path / "data" / "Set5").iterdir()) == ["a.png", "b.png"]
+
+
+def test_validation_and_test_read_their_own_folders(sr_folders):
+    data = SuperResolutionDataModule(**_dirs(sr_folders), scale=3)
+    data.setup("fit")
+    assert data.test_set is None  # fitting reads no test image
+    data.setup("test")
+    assert (data.val_names, data.test_names) == (["gray.bmp", "rgb.png"], ["t1.png", "t2.png"])
+    for loader, folder, names in (
+        (data.val_dataloader(), "eval", data.val_names),
+        (data.test_dataloader(), "test", data.test_names),
+    ):
+        for (_, hr), name in zip(loader, names, strict=True):
+            y = read_y(sr_folders / folder / name) / 255
+            torch.testing.assert_close(hr[0], y[:, : hr.shape[2], : hr.shape[3]].float())
+
+
+def test_the_same_folder_for_validation_and_test_is_refused_unless_intended(sr_folders):
+    same = [
+        {"val_dir": "eval", "test_dir": "eval"},
+        {"val_dir": "eval", "test_dir": str(sr_folders / "eval")},  # relative and absolute
+        {"val_dir": "eval", "test_dir": "./eval/"},
+    ]
+    (sr_folders / "eval_link").symlink_to(sr_folders / "eval")
+    same.append({"val_dir": "eval", "test_dir": "eval_link"})
+    for folders in same:
+        message = r"val_dir 'eval' and test_dir .* same folder"
+        with pytest.raises(ValueError, match=message) as error:
+            SuperResolutionDataModule(data_dir=str(sr_folders), **folders)
+        assert "allow_same_val_test" in str(error.value)
+    data = SuperResolutionDataModule(
+        data_dir=str(sr_folders), val_dir="eval", test_dir="eval", allow_same_val_test=True
+    )
+    data.setup("test")
+    assert data.test_names == ["gray.bmp", "rgb.png"]
 
 
 @pytest.mark.parametrize(
