@@ -9,9 +9,11 @@ every normalizer of one experiment over training steps; the training metric when
 validation loop, as the paper's CIFAR setting) and ``bars_<table>.png`` (final metrics, ours
 against the paper's).
 
-Runs are the ``<runs dir>/<area>/<config stem>/version_<N>/`` folders of
-:mod:`lit_divnorm.sweep`; each config uses its latest version with a ``DONE`` marker, else its
-latest version, shown as ``failed`` or ``unfinished``. Only CSV logs (``metrics.csv``) are read.
+Runs are the ``<runs dir>/<area>/<config stem>/<version>/`` folders that ``lit-divnorm fit``
+and :mod:`lit_divnorm.sweep` write (``version_<N>`` or a named version such as a SLURM job
+name; not the ``test_<N>`` folders of evaluation commands, see :mod:`lit_divnorm.runs`); each
+config uses its most recently written version with a ``DONE`` marker, else its most recently
+written version, shown as ``failed`` or ``unfinished``. Only CSV logs (``metrics.csv``) are read.
 A cell with no run reads ``missing``, never 0. The paper's numbers come from
 :mod:`lit_divnorm.paper_results`.
 """
@@ -31,7 +33,7 @@ from typing import Any
 import yaml
 
 from lit_divnorm.paper_results import PAPER_DECORRELATION, PAPER_TABLES
-from lit_divnorm.runs import versions
+from lit_divnorm.runs import is_run_folder, run_folders
 from lit_divnorm.sweep import DONE_MARKER, FAILED_MARKER
 
 Series = list[tuple[int, float]]
@@ -94,10 +96,10 @@ def collect_runs(runs_dir: str | Path) -> list[Run]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise ValueError(f"runs_dir must be an existing folder, got {str(runs_dir)!r}")
-    roots = sorted({path.parent for path in runs_dir.rglob("version_*") if path.is_dir()})
+    roots = sorted({path.parent for path in runs_dir.rglob("*") if is_run_folder(path)})
     runs = []
     for root in roots:
-        found = versions(root)
+        found = run_folders(root)
         if not found:
             continue
         done = [v for v in found if (v / DONE_MARKER).is_file()]

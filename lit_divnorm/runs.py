@@ -32,6 +32,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lit_divnorm.checkpoint import atomic_write_text, load_checkpoint_safely
 
 VERSION_PATTERN = re.compile(r"^version_(\d+)$")
+EVALUATION_PATTERN = re.compile(r"^(test|validate|predict)_\d+$")  # logs of evaluation commands
+RUN_FILES = ("metrics.csv", "DONE", "FAILED")  # a folder holding one of these is a run
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"  # Lightning's SLURM requeue checkpoints
 SUPERSEDED_METRICS = "metrics.superseded.csv"
@@ -78,6 +80,32 @@ def next_version(experiment_dir: str | Path, prefix: str = "version") -> Path:
     existing = versions(experiment_dir, prefix)
     number = int(existing[-1].name.rsplit("_", 1)[1]) + 1 if existing else 0
     return Path(experiment_dir) / f"{prefix}_{number}"
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A fit run's folder: ``version_<N>``, or a named version that holds logs or a marker;
+    not the ``<subcommand>_<N>`` logs of ``test``/``validate``/``predict``."""
+    if not folder.is_dir() or EVALUATION_PATTERN.match(folder.name):
+        return False
+    return bool(VERSION_PATTERN.match(folder.name)) or any(
+        (folder / name).is_file() for name in RUN_FILES
+    )
+
+
+def run_folders(experiment_dir: str | Path) -> list[Path]:
+    """Every run folder of one experiment (numbered and named versions), least recently
+    written first (by the time of its ``metrics.csv``, else of the folder)."""
+    root = Path(experiment_dir)
+    if not root.is_dir():
+        return []
+
+    def written(folder: Path) -> float:
+        metrics = folder / "metrics.csv"
+        return (metrics if metrics.is_file() else folder).stat().st_mtime
+
+    return sorted(
+        (p for p in root.iterdir() if is_run_folder(p)), key=lambda p: (written(p), p.name)
+    )
 
 
 def run_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -63,6 +63,12 @@ def test_ptb_and_sr_tables(tmp_path):
     }
     _run(runs, "sr/x4", "dn_star", 0, [{"step": 7, **metrics}], config=chosen_on_test)
     _run(runs, "other", "thing", 0, [{"step": 2, "val/loss": 0.25}])
+    # a named version (a SLURM job name) is a run too; a test_<N> folder of `test` is not
+    named = _run(runs, "ptb/tanh_rnn", "dn", 0, [{"step": 9, "test/ppl": 125.0}])
+    named.rename(named.with_name("job-4711"))
+    _run(runs, "ptb/tanh_rnn", "dn", 0, [{"step": 1, "test/ppl": 1.0}], done=False).rename(
+        runs / "ptb/tanh_rnn/dn/test_0"
+    )
     found = {(r.area, r.name): (r.status, r.log_dir.name) for r in collect_runs(runs)}
     assert found == {
         ("ptb/lstm", "dn_star"): ("done", "version_0"),
@@ -71,12 +77,14 @@ def test_ptb_and_sr_tables(tmp_path):
         ("sr/x3", "dn_star"): ("done", "version_0"),
         ("sr/x4", "dn_star"): ("done", "version_0"),
         ("other", "thing"): ("done", "version_0"),
+        ("ptb/tanh_rnn", "dn"): ("done", "job-4711"),
     }
 
     markdown = write_report(runs, tmp_path / "out").read_text()
     ptb = _rows(markdown, "Table 4: Penn Treebank test perplexity")
     assert ptb["DN*"][:3] == ["100.000", "102.238", "-2.238"]
     assert ptb["LN"][:3] == ["120.500", "119.247", "+1.253"]
+    assert ptb["DN"][3:6] == ["125.000", "132.143", "-7.143"]  # tanh RNN, the named version
     assert ptb["BN"][6] == "unfinished" and ptb["BN"][7] == "164.977"
     assert ptb["Baseline"][0] == "missing"
     psnr = _rows(markdown, "Table 5: super-resolution PSNR (dB)")
