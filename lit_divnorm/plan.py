@@ -191,11 +191,11 @@ def read_timing(path: str | Path) -> ConfigTiming:
 
 
 def format_hours(hours: float | None) -> str:
-    """``"12 s"``, ``"3.5 min"`` or ``"2.25 h"`` (``"?"`` for ``None``)."""
+    """``"12.5 s"``, ``"3.5 min"`` or ``"2.25 h"`` (``"?"`` for ``None``)."""
     if hours is None:
         return "?"
     if hours < 1 / 60:
-        return f"{hours * 3600:.0f} s"
+        return f"{hours * 3600:.1f} s"
     return f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.2f} h"
 
 

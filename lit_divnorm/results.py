@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -149,12 +150,15 @@ def file_sha256(*paths: Path) -> str:
 
 
 def package_versions() -> dict[str, str | None]:
-    """``{"python": ..., package: version}`` of the packages a result depends on."""
+    """``{"python": ..., package: version}`` of the packages a result depends on: the
+    module's own ``__version__`` where it has one (torch's names its build, ``+cu130``),
+    else the installed distribution's."""
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
+            module = importlib.import_module(name.replace("-", "_"))
+            found[name] = str(getattr(module, "__version__", None) or metadata.version(name))
+        except (ImportError, metadata.PackageNotFoundError):
             found[name] = None
     return found
 
