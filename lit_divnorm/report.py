@@ -409,6 +409,12 @@ def _where(result: Result, base: Path) -> str:
     return f"run folder `{result.log_dir}`"
 
 
+def _flags(record: dict[str, Any]) -> str:
+    """The command-line flags a run had beyond its config (``—`` for none), for a table."""
+    flags = [flag for flag in record.get("overrides") or [] if not flag.startswith("--seed_")]
+    return " ".join(f"`{flag.replace('|', '/')}`" for flag in flags) or "—"
+
+
 def runs_markdown(results: list[Result], base: Path) -> str:
     """Every run the report read, one line each: what it measured and where it came from
     (record files linked relative to ``base``, the report's folder)."""
@@ -418,10 +424,11 @@ def runs_markdown(results: list[Result], base: Path) -> str:
         "## Runs",
         "",
         "Every run behind the tables: its final test metric, the steps it ran of its config's "
-        "schedule, where it ran and from which code.",
+        "schedule, where it ran, from which code, with which flags beyond its config, and its "
+        "record.",
         "",
-        "| Experiment | Seed | Status | Test metric | Steps | Device | Commit | Source |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Experiment | Seed | Status | Test metric | Steps | Device | Commit | Flags | Source |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in sorted(results, key=lambda r: (r.experiment, str(r.seed), r.steps)):
         metric = metric_of(result.experiment)
@@ -442,7 +449,7 @@ def runs_markdown(results: list[Result], base: Path) -> str:
         lines.append(
             f"| {result.experiment} | {'—' if result.seed is None else result.seed} | {status} "
             f"| {figure} | {steps} | {record.get('device') or '—'} | {commit or '—'} | "
-            f"{_where(result, base)} |"
+            f"{_flags(record)} | {_where(result, base)} |"
         )
     return "\n".join(lines) + "\n"
 
