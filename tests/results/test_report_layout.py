@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from lit_divnorm.report import collect_results, write_report
@@ -42,6 +43,7 @@ def _rows(markdown, title, column):
 
 
 def test_ptb_and_sr_tables(tmp_path):
+    pytest.importorskip("matplotlib", reason="the report's plots need matplotlib")
     runs = tmp_path / "runs"
     _run(
         runs,

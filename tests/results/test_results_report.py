@@ -109,6 +109,7 @@ def test_cells_are_mean_and_sample_std_over_seeds_with_their_count(results, tmp_
 
 
 def test_default_paths_and_plots(results, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the report's plots need matplotlib")
     monkeypatch.chdir(tmp_path)  # results/ here: lit-divnorm report writes RESULTS.md beside it
     report = cli_main(["report"])
     assert report.name == "RESULTS.md" and report.parent.resolve() == tmp_path.resolve()
@@ -129,6 +130,7 @@ def test_the_difference_plot_is_centred_on_zero_with_the_seeds_spread(
     results, tmp_path, monkeypatch
 ):
     """The plot's numbers, read back from the figure the report draws (matplotlib objects)."""
+    pytest.importorskip("matplotlib", reason="the report's plots need matplotlib")
     from lit_divnorm import report as report_module
 
     drawn = {}

@@ -100,6 +100,7 @@ def test_a_stopped_run_is_continued_in_its_own_folder(tmp_path):
 
 
 def test_report_table_has_ours_beside_the_paper_and_marks_missing_runs(swept, tmp_path):
+    pytest.importorskip("matplotlib", reason="the report's plots need matplotlib")
     _, _, runs, _ = swept
     report = cli_main(["report", str(runs), "--out", str(tmp_path / "report.md")])
     markdown = report.read_text()
