@@ -375,9 +375,10 @@ def sweep(
     seeds = check_seeds(seeds)
     _check_overrides(overrides, seeds)
     slots = make_slots(parallel, devices, threads=threads)
-    if in_process and len(slots) > 1:
+    if in_process and (len(slots) > 1 or devices):
         raise ValueError(
-            f"in_process runs one run at a time: got parallel={parallel}, devices={devices}"
+            "in_process runs one run at a time in this process, on its own device: got "
+            f"parallel={parallel}, devices={devices}"
         )
     _check_devices(devices)
     runs = plan(config_dir, runs_dir, only, seeds)

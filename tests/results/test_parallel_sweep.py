@@ -190,7 +190,13 @@ def test_seed_and_option_mistakes_are_refused(tmp_path):
     folder = write_tiny_sweep(tmp_path, {"bn": "bn"})
     with pytest.raises(ValueError, match="give the seeds with --seeds"):
         slurm_script(folder, seeds=[0], overrides=["--seed_everything=4"])
-    for args in (["--in-process", "--parallel", "2"], ["--dry-run", "--dry-run-warmup", "0"]):
+    for args in (
+        ["--in-process", "--parallel", "2"],
+        ["--in-process", "--devices", "0"],
+        ["--dry-run", "--dry-run-warmup", "0"],
+        ["--parallel", "0"],
+        ["--seeds", "1", "1"],
+    ):
         with pytest.raises(SystemExit) as stop:
             cli_main(["sweep", str(folder), "--runs-dir", str(tmp_path / "r"), *args])
         assert stop.value.code == 2
