@@ -9,9 +9,10 @@ Sources: the records of :mod:`lit_divnorm.results` (``--results``; ``results`` b
 no run folder is given) and run folders, the ``<runs dir>/<area>/<config stem>/<version>/``
 of ``lit-divnorm fit`` and ``lit-divnorm sweep`` (``version_<N>``, ``seed<S>_version_<N>`` or a
 named version; not the ``test_<N>`` folders of evaluation commands). A finished run folder
-(``DONE``) reads as the sweep's record of it; the others (failed, or stopped or still running:
-a plain ``fit`` folder) are named beside the cells with their steps but never give a number. A
-run found both as a record and as a folder counts once (the same metrics SHA-256).
+(``DONE``) reads as the sweep's record of it; the others are named beside the cells with their
+steps but never give a number: ``failed``, ``untested`` (a plain ``fit`` that ran its whole
+schedule; its test, if any, logged to another folder) or ``unfinished`` (stopped, or still
+running). A run found both as a record and as a folder counts once (the same metrics SHA-256).
 
 Each table (Table 3: CIFAR test accuracy, Table 4: PTB test perplexity, Tables 5-6: SR PSNR and
 SSIM; the paper's rows first, then the configs only we ran) has, per column that has runs, one
@@ -138,21 +139,29 @@ def _from_record(record: dict[str, Any], path: Path | None, log_dir: Path | None
 
 
 def _unfinished(log_dir: Path, experiment: str) -> Result:
-    """A run folder without ``DONE``: its status, steps and curves from its own files."""
-    status = "failed" if (log_dir / FAILED_MARKER).is_file() else "unfinished"
+    """A run folder without ``DONE``: its status (``failed``; ``untested``: a ``fit`` that
+    ran its config's whole schedule, tested elsewhere if at all; else ``unfinished``), steps
+    and curves from its own files."""
     rows = read_metric_rows(log_dir / "metrics.csv")
     steps, epochs = training_progress(rows)
     config_file = log_dir / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     config = config if isinstance(config, dict) else {}
     per_epoch = steps // epochs if epochs and steps % epochs == 0 else None
+    schedule = schedule_steps(config.get("trainer") or {}, per_epoch)
+    if (log_dir / FAILED_MARKER).is_file():
+        status = "failed"
+    elif schedule is not None and steps >= schedule:
+        status = "untested"
+    else:
+        status = "unfinished"
     seed = config.get("seed_everything")
     return Result(
         experiment=experiment,
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         status=status,
         steps=steps,
-        schedule_steps=schedule_steps(config.get("trainer") or {}, per_epoch),
+        schedule_steps=schedule,
         curves=curves_of(rows, metric_of(experiment)),
         config=normalized_config(config),
         log_dir=log_dir,
@@ -290,7 +299,7 @@ def fill_cell(cell: Cell, results: list[Result], metric: str) -> Cell:
     if len({r.record["config_sha256"] for r in by_seed.values()}) > 1:
         cell.notes.append(f"{len({r.record['config_sha256'] for r in by_seed.values()})} configs")
     other = [r for r in results if r.record is None and r.seed not in by_seed]
-    for status in ("failed", "unfinished"):
+    for status in ("failed", "untested", "unfinished"):
         runs = [r for r in other if r.status == status]
         if runs:
             steps = ", ".join(f"{r.steps}/{r.schedule_steps or '?'}" for r in runs)

@@ -57,6 +57,10 @@ def test_ptb_and_sr_tables(tmp_path):
     _run(runs, "ptb/lstm", "ln", 1, [{"step": 9, "test/ppl": 120.5}])
     running = [{"step": 3, "train/loss_step": 6.0}]
     _run(runs, "ptb/relu_rnn", "bn", 0, running, done=False, config={"trainer": {"max_steps": 40}})
+    # a plain fit that ran its schedule (4 steps) and was never tested in its folder
+    fitted = [{"step": 3, "train/loss_step": 5.0, "epoch": 0}]
+    config = {"trainer": {"max_steps": -1, "max_epochs": 1}}
+    _run(runs, "ptb/relu_rnn", "dn", 0, fitted, done=False, config=config)
     sr = {"data": {"init_args": {"val_dir": "Set5", "test_dir": "/data/sr/Set14", "scale": 3}}}
     metrics = {
         "test/psnr": 29.0,
@@ -84,6 +88,7 @@ def test_ptb_and_sr_tables(tmp_path):
         ("ptb/lstm/ln", "done", "version_1"),
         ("ptb/lstm/ln", "failed", "version_0"),
         ("ptb/relu_rnn/bn", "unfinished", "version_0"),
+        ("ptb/relu_rnn/dn", "untested", "version_0"),
         ("ptb/tanh_rnn/dn", "done", "job-4711"),
         ("sr/x3/dn_star", "done", "version_0"),
         ("sr/x4/dn_star", "done", "version_0"),
@@ -99,6 +104,7 @@ def test_ptb_and_sr_tables(tmp_path):
     relu = _rows(markdown, title, "ReLU RNN")
     unfinished = "1 unfinished (4/40 steps)"  # a training row at step 3: 4 steps run
     assert relu["BN"] == ["", "0", "164.977", "", unfinished]
+    assert relu["DN"] == ["", "0", "118.789", "", "1 untested (4/4 steps)"]  # 1 epoch of 4
     psnr_title = "Table 5: super-resolution PSNR (dB)"
     psnr = _rows(markdown, psnr_title, "Set14 x3")  # the column of test_dir
     assert psnr["DN*"] == ["29.00", "1", "29.34", "-0.34", ""]
