@@ -284,16 +284,24 @@ def run_one(
 def plan(
     config_dir: str | Path,
     runs_dir: str | Path,
-    only: str | None = None,
+    only: str | Path | list[str | Path] | None = None,
     seeds: list[int] | tuple | None = None,
 ) -> list[SweepRun]:
-    """What a sweep would do: one :class:`SweepRun` per config and seed (``None``: the
-    config's own seed), ``skipped`` or ``planned``."""
+    """What a sweep would do: one :class:`SweepRun` per config (of ``only``, one config or a
+    list, when given) and seed (``None``: the config's own seed), ``skipped`` or ``planned``."""
     config_dir, runs_dir = Path(config_dir), Path(runs_dir)
     seeds = check_seeds(seeds)
+    chosen = None
+    if only is not None:
+        chosen = [Path(path) for path in ([only] if isinstance(only, (str, Path)) else only)]
+        known = {config.resolve() for config in find_configs(config_dir)}
+        unknown = [str(path) for path in chosen if path.resolve() not in known]
+        if unknown:
+            raise ValueError(f"only must name configs of {str(config_dir)!r}, got {unknown}")
+        chosen = {path.resolve() for path in chosen}
     runs = []
     for config in find_configs(config_dir):
-        if only is not None and config.resolve() != Path(only).resolve():
+        if chosen is not None and config.resolve() not in chosen:
             continue
         area = area_of(config, config_dir)
         run_root = runs_dir / area / config.stem
@@ -308,8 +316,6 @@ def plan(
             else:
                 log_dir = next_version(run_root, prefix)
                 runs.append(SweepRun(config, area, log_dir, "planned", seed=seed))
-    if only is not None and not runs:
-        raise ValueError(f"only must name a config of {str(config_dir)!r}, got {only!r}")
     return runs
 
 
@@ -367,7 +373,7 @@ def sweep(
     dry_run: bool = False,
     dry_run_steps: int = 3,
     dry_run_warmup: int = 2,
-    only: str | None = None,
+    only: str | Path | list[str | Path] | None = None,
     results_dir: str | Path | None = "results",
 ) -> list[SweepRun]:
     """Run every (config, seed) of ``config_dir`` that has not finished yet, ``parallel`` at
@@ -659,7 +665,9 @@ def _parser() -> argparse.ArgumentParser:
         "--slurm-option", action="append", default=[], help="extra #SBATCH option (repeatable)"
     )
     parser.add_argument("--in-process", action="store_true", help="run configs in this process")
-    parser.add_argument("--only", metavar="CONFIG", help="run only this config of the folder")
+    parser.add_argument(
+        "--only", nargs="+", metavar="CONFIG", help="run only these configs of the folder"
+    )
     parser.add_argument(
         "--next-log-dir",
         action="store_true",
@@ -711,8 +719,8 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
         if options.next_log_dir:
             if not options.only:
                 parser.error("--next-log-dir needs --only CONFIG")
-            if options.seeds and len(options.seeds) > 1:
-                parser.error("--next-log-dir takes one seed")
+            if len(options.only) > 1 or (options.seeds and len(options.seeds) > 1):
+                parser.error("--next-log-dir takes one config and at most one seed")
             (run,) = plan(options.config_dir, options.runs_dir, options.only, options.seeds)
             if run.status == "planned":
                 print(run.log_dir.resolve())

@@ -196,6 +196,7 @@ def test_seed_and_option_mistakes_are_refused(tmp_path):
         ["--dry-run", "--dry-run-warmup", "0"],
         ["--parallel", "0"],
         ["--seeds", "1", "1"],
+        ["--only", str(tmp_path / "elsewhere.yaml")],
     ):
         with pytest.raises(SystemExit) as stop:
             cli_main(["sweep", str(folder), "--runs-dir", str(tmp_path / "r"), *args])

@@ -133,6 +133,9 @@ def test_dry_run_and_slurm_script_plan_without_running(swept, tmp_path):
     planned = cli_main(["sweep", str(folder), *args])  # a list, no timing
     assert [run.status for run in planned] == ["planned"] * 3
     assert not (tmp_path / "r").exists()
+    two = [str(folder / "dn_star.yaml"), str(folder / "bn.yaml")]
+    chosen = cli_main(["sweep", str(folder), *args, "--only", *two])
+    assert [run.config.stem for run in chosen] == ["bn", "dn_star"]  # the folder's order
     script = slurm_script(
         folder, tmp_path / "r", ["--trainer.max_steps=5"], options=["--gres=gpu:1"]
     )
