@@ -2,7 +2,7 @@
 
     python benchmarks/table_plan.py [--tables cifar10 lstm sr] [--rows dn_star bn] [--steps 3]
         [--warmup 2] [--seeds 3] [--data ../shared/data] [--gpu-table FILE] [--gpu-loop lightning]
-        [-- OVERRIDES]
+        [--gpu-path fast|loader] [-- OVERRIDES]
 
 The configs of a table are the paper's rows: ``configs/cifar10/<row>.yaml`` (13),
 ``configs/ptb/lstm/<row>.yaml`` (12) and ``configs/sr/x3|x4/{baseline,bn,dn_star}.yaml`` (the
@@ -15,11 +15,15 @@ config's own data, model and trainer plus ``OVERRIDES`` (e.g. the fast-path swit
 prints steps, ms/step and the time of one run; per table the total for one seed and for
 ``--seeds`` seeds.
 
+The fast path of issue 17 (device-resident batches, the compiled step) is two overrides:
+``-- --data.device_resident=true --model.compile=true``.
+
 ``--gpu-table FILE`` reads the output of ``python benchmarks/train.py --device cuda --norms
-...`` (the small CIFAR CNN's step per norm through Lightning, ``--gpu-loop``'s rows) and gives
-the CIFAR rows a one-GPU time: schedule steps x the GPU step of the row's norm; a row whose
-norm the file lacks is counted at the slowest norm it has and marked ``~``. No GPU benchmark
-times the PTB LSTM or SRCNN, so their GPU column stays empty.
+...`` (the small CIFAR CNN's step per norm through Lightning: ``--gpu-loop``'s rows, of the
+``--gpu-path`` data path, ``fast`` when the table has one) and gives the CIFAR rows a one-GPU
+time: schedule steps x the GPU step of the row's norm; a row whose norm the file lacks is
+counted at the slowest norm it has and marked ``~``. No GPU benchmark times the PTB LSTM or
+SRCNN, so their GPU column stays empty.
 
 Data: ``--data DIR`` holding ``cifar10/``, ``ptb/`` and ``sr/`` (default ``../shared/data``
 beside the repository when present, else the configs' own folders); SR configs whose test set
@@ -54,7 +58,11 @@ TITLES = {
     "sr": "Tables 5-6, SR rows (x3, x4)",
 }
 DATA_FOLDERS = {"cifar10": "cifar10", "lstm": "ptb", "sr": "sr"}
-GPU_ROW = re.compile(r"^(\S+)\s+(.+?)\s+(\d+(?:\.\d+)?)\s+(\d+)(?:\s|$)")
+# a row of benchmarks/train.py: norm, [path: fast | loader,] loop, ms/step, images/s, ...
+GPU_ROW = re.compile(
+    r"^(?P<norm>\S+?)\s*(?P<path>fast|loader)?\s+(?P<loop>lightning|bare loop|bare \+ metric)"
+    r"\s+(?P<ms>\d+(?:\.\d+)?)\s+\d+(?:\s|$)"
+)
 
 
 def table_configs(table: str, rows: list[str] | None = None) -> list[Path]:
@@ -91,21 +99,29 @@ def config_norm(config: Path) -> str:
     return str(norm.get("name") if isinstance(norm, dict) else norm)
 
 
-def read_gpu_table(path: str | Path, loop: str = "lightning") -> tuple[str, dict[str, float]]:
+def read_gpu_table(
+    path: str | Path, loop: str = "lightning", data_path: str | None = None
+) -> tuple[str, dict[str, float]]:
     """(the device line, ``{norm: ms per step}``) of ``benchmarks/train.py``'s output for the
-    rows of ``loop``."""
+    rows of ``loop`` and of the data path ``data_path`` (``fast`` or ``loader``; default
+    ``fast`` when the table has it, else its only rows)."""
     lines = Path(path).read_text().splitlines()
     if not lines:
         raise ValueError(f"gpu table {str(path)!r} is empty")
-    steps = {}
-    for line in lines[1:]:
-        match = GPU_ROW.match(line.strip())
-        if match and match.group(2).strip() == loop:
-            steps[match.group(1)] = float(match.group(3))
+    rows = [m for line in lines[1:] if (m := GPU_ROW.match(line.strip()))]
+    paths = {m.group("path") for m in rows}
+    chosen = data_path or ("fast" if "fast" in paths else None)
+    steps = {
+        m.group("norm"): float(m.group("ms"))
+        for m in rows
+        if m.group("loop") == loop and (chosen is None or m.group("path") == chosen)
+    }
     if not steps:
         raise ValueError(
-            f"gpu table {str(path)!r} has no '{loop}' rows (norm, loop, ms/step, images/s): "
-            "give the output of benchmarks/train.py --device cuda"
+            f"gpu table {str(path)!r} has no '{loop}' rows"
+            + (f" of the {chosen!r} path" if chosen else "")
+            + " (norm, [path,] loop, ms/step, images/s): give the output of benchmarks/train.py "
+            "--device cuda"
         )
     return lines[0].strip(), steps
 
@@ -194,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[PlannedRow]]:
         "--gpu-table", type=Path, help="output of benchmarks/train.py --device cuda"
     )
     parser.add_argument("--gpu-loop", default="lightning", help="its rows to use (lightning)")
+    parser.add_argument(
+        "--gpu-path", choices=["fast", "loader"], help="its data path (fast when it has one)"
+    )
     options = parser.parse_args(own)
     if options.steps < 1 or options.warmup < 1 or options.seeds < 1:
         parser.error("--steps, --warmup and --seeds must be >= 1")
@@ -203,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[PlannedRow]]:
     gpu = None
     if options.gpu_table is not None:
         try:
-            device, gpu = read_gpu_table(options.gpu_table, options.gpu_loop)
+            device, gpu = read_gpu_table(options.gpu_table, options.gpu_loop, options.gpu_path)
         except (OSError, ValueError) as error:
             parser.error(str(error))
         print(f"GPU steps from {options.gpu_table}: {device}")

@@ -46,12 +46,30 @@ def test_tables_are_the_papers_rows(table_plan):
         table_plan.table_configs("cifar100")
 
 
+# the same benchmark with a data path column (DataLoader path and the fast path)
+GPU_TABLE_PATHS = """torch 2.14.1+cu130, lightning 2.6.6, NVIDIA H200, threads 16, precision 32-true
+small CNN, batch 100 of 3x32x32 uint8 (mean image subtracted), median of 30 steps
+norm   path    loop           ms/step  images/s  lightning overhead  x none  x loader
+none   loader  lightning          3.0     33333                        -         -
+none   fast    lightning          1.5     66667                     1.00      0.50
+bn-l1  loader  lightning          3.3     30303                        -         -
+bn-l1  fast    lightning          1.7     58824                     1.13      0.52
+baseline-l1loader  lightning      3.1     32258                        -         -
+baseline-l1fast    bare loop      1.4     71429               +7.1%   0.93      0.45
+"""
+
+
 def test_gpu_table_is_read_from_train_py_output(table_plan, tmp_path):
     path = tmp_path / "gpu.txt"
     path.write_text(GPU_TABLE)
     device, steps = table_plan.read_gpu_table(path)
     assert "NVIDIA H200" in device and steps == {"none": 2.5, "dn*": 4.0}
     assert table_plan.read_gpu_table(path, "bare loop")[1] == {"none": 2.0, "dn*": 3.5}
+    path.write_text(GPU_TABLE_PATHS)
+    assert table_plan.read_gpu_table(path)[1] == {"none": 1.5, "bn-l1": 1.7}  # fast path
+    loader = table_plan.read_gpu_table(path, data_path="loader")[1]
+    assert loader == {"none": 3.0, "bn-l1": 3.3, "baseline-l1": 3.1}  # a name filling its column
+    assert table_plan.read_gpu_table(path, "bare loop")[1] == {"baseline-l1": 1.4}
     path.write_text("nothing here\n")
     with pytest.raises(ValueError, match="has no 'lightning' rows"):
         table_plan.read_gpu_table(path)
