@@ -24,7 +24,7 @@ Enable from the command line:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -278,8 +278,10 @@ class PeriodicTest(Callback):
     Training is left as it was: the mode of every module, and the random number states
     (restored after each evaluation), so a run with this callback trains exactly as one
     without it. A run continued from a checkpoint at step ``S`` evaluates step ``S`` again
-    (the resumed ``metrics.csv`` drops the killed run's rows from ``S`` on). Under DDP every
-    rank evaluates the whole split (the loggers write rank 0's figures).
+    (the resumed ``metrics.csv`` drops the killed run's rows from ``S`` on). Under DDP each
+    rank evaluates what its test loader yields (the whole split from a ``DataLoader``, or its
+    shard) and the sums (correct images, cross-entropy, token losses, PSNR) are added over
+    the ranks, so the figure is the whole split's either way; the loggers write rank 0's.
 
     Args:
         every_n_steps: optimizer steps between evaluations (2000: the shared CIFAR run's).
@@ -349,7 +351,7 @@ class PeriodicTest(Callback):
         try:
             with torch.no_grad():
                 batches = (trainer.strategy.batch_to_device(batch) for batch in self._loader)
-                return evaluate(pl_module, batches)
+                return evaluate(pl_module, batches, _summed_over_ranks(trainer))
         finally:
             trainer.state.stage = stage
             for module, training in modes.items():
@@ -363,20 +365,37 @@ class PeriodicTest(Callback):
             logger.log_metrics(figures, step=trainer.global_step)
 
 
-def _test_classifier(pl_module: LightningModule, batches: Iterator[Any]) -> dict[str, float]:
-    correct = total = 0
-    cross_entropy = 0.0
+Summed = Callable[[Tensor], Tensor]  # a tensor summed over the ranks of the run
+
+
+def _summed_over_ranks(trainer: Trainer) -> Summed:
+    def summed(tensor: Tensor) -> Tensor:
+        return trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    return summed
+
+
+def _test_classifier(
+    pl_module: LightningModule, batches: Iterator[Any], summed: Summed
+) -> dict[str, float]:
+    """Top-1 accuracy ``correct / N`` and mean cross-entropy over the ``N`` test images."""
+    sums = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # correct, CE, N
     for images, labels in batches:
         logits = pl_module(images)
-        correct += int((logits.argmax(dim=1) == labels).sum())
-        cross_entropy += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        total += labels.numel()
+        sums[0] += (logits.argmax(dim=1) == labels).sum()
+        sums[1] += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        sums[2] += labels.numel()
+    correct, cross_entropy, total = summed(sums).tolist()
     if total == 0:
         raise ValueError("PeriodicTest: the test split is empty")
     return {"test/acc": correct / total, "test/loss": cross_entropy / total}
 
 
-def _test_language_model(pl_module: LightningModule, batches: Iterator[Any]) -> dict[str, float]:
+def _test_language_model(
+    pl_module: LightningModule, batches: Iterator[Any], summed: Summed
+) -> dict[str, float]:
+    """Perplexity over the test stream (:class:`~lit_divnorm.tasks.language_model.Perplexity`
+    sums over the ranks itself)."""
     from lit_divnorm.models.rnn_lm import detach_state, state_batch_size
     from lit_divnorm.tasks.language_model import Perplexity
 
@@ -394,7 +413,10 @@ def _test_language_model(pl_module: LightningModule, batches: Iterator[Any]) -> 
     return {"test/ppl": float(perplexity.compute())}
 
 
-def _test_super_resolution(pl_module: LightningModule, batches: Iterator[Any]) -> dict[str, float]:
+def _test_super_resolution(
+    pl_module: LightningModule, batches: Iterator[Any], summed: Summed
+) -> dict[str, float]:
+    """Mean PSNR and SSIM over the test images (the task's own per-image measures)."""
     from lit_divnorm.tasks.super_resolution import (
         center_crop,
         psnr_per_image,
@@ -402,12 +424,14 @@ def _test_super_resolution(pl_module: LightningModule, batches: Iterator[Any]) -
         to_pixels,
     )
 
-    psnr, ssim = [], []
+    sums = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # PSNR, SSIM, images
     for bicubic, hr in batches:
         output = pl_module(bicubic)
         truth = to_pixels(center_crop(hr, (hr.shape[-1] - output.shape[-1]) // 2))
-        psnr.append(psnr_per_image(to_pixels(output), truth))
-        ssim.append(ssim_per_image(to_pixels(output), truth))
-    if not psnr:
+        sums[0] += psnr_per_image(to_pixels(output), truth).sum()
+        sums[1] += ssim_per_image(to_pixels(output), truth).sum()
+        sums[2] += output.shape[0]
+    psnr, ssim, images = summed(sums).tolist()
+    if images == 0:
         raise ValueError("PeriodicTest: the test split is empty")
-    return {"test/psnr": float(torch.cat(psnr).mean()), "test/ssim": float(torch.cat(ssim).mean())}
+    return {"test/psnr": psnr / images, "test/ssim": ssim / images}
