@@ -13,7 +13,9 @@ config's own data, model and trainer plus ``OVERRIDES`` (e.g. the fast-path swit
 (:func:`lit_divnorm.plan.time_config`); its time is the schedule's steps (``max_steps``, or
 ``max_epochs`` x batches per epoch) x the median step time, training steps only. Per config it
 prints steps, ms/step and the time of one run; per table the total for one seed and for
-``--seeds`` seeds.
+``--seeds`` seeds. The step times are this machine's as it is at the time: on a machine that
+other jobs share, OpenMP threads waiting for busy cores make steps many times slower, so
+``OMP_NUM_THREADS=1`` gives steadier figures there.
 
 The fast path of issue 17 (device-resident batches, the compiled step) is two overrides:
 ``-- --data.device_resident=true --model.compile=true``.
