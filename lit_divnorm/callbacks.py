@@ -10,16 +10,21 @@
 * :class:`NonFiniteDetector` (opt-in) stops training with :class:`NonFiniteError` when the
   loss or a gradient is NaN/inf, naming the global step and the first layer (in execution
   order) whose output went non-finite, instead of training on garbage.
+* :class:`PeriodicTest` (opt-in) evaluates the test split every ``every_n_steps`` optimizer
+  steps and logs ``test/acc`` (``test/ppl``, ``test/psnr``) by step into the run's metrics,
+  for the paper's CIFAR protocol, which has no validation split.
 
 Enable from the command line:
 
     lit-divnorm fit --config ... --trainer.callbacks+=lit_divnorm.callbacks.NonFiniteDetector
+    lit-divnorm fit --config ... --trainer.callbacks+=lit_divnorm.callbacks.PeriodicTest \
+        --trainer.callbacks.every_n_steps=2000
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -250,3 +255,183 @@ class NonFiniteDetector(Callback):
                     f"({type(module).__name__})"
                 )
         return "every layer's output was finite, so the loss computation itself overflowed"
+
+
+class PeriodicTest(Callback):
+    """Evaluate the test split every ``every_n_steps`` optimizer steps and log it by step.
+
+    After optimizer step ``S`` (``S`` a multiple of ``every_n_steps``) the model is put in
+    eval mode, run without gradients over the datamodule's whole ``test_dataloader()`` (its
+    batches moved to the device as Lightning moves them, with the trainer in its testing
+    stage, so no training augmentation applies), and the figures are sent to every logger at
+    step ``S`` (``metrics.csv`` of the run: a ``test/acc`` column by step, which
+    ``lit-divnorm report`` plots; the sweep's final test comes after them):
+
+    * :class:`~lit_divnorm.tasks.ClassificationTask`: ``test/acc`` = correct / N (top-1)
+      and ``test/loss`` = mean cross-entropy over the N test images;
+    * :class:`~lit_divnorm.tasks.LanguageModelTask`: ``test/ppl`` = exp(summed token
+      cross-entropy / tokens), the hidden state carried across the test windows as the task's
+      test does;
+    * :class:`~lit_divnorm.tasks.SuperResolutionTask`: ``test/psnr`` and ``test/ssim``, means
+      over the test images.
+
+    Training is left as it was: the mode of every module, and the random number states
+    (restored after each evaluation), so a run with this callback trains exactly as one
+    without it. A run continued from a checkpoint at step ``S`` evaluates step ``S`` again
+    (the resumed ``metrics.csv`` drops the killed run's rows from ``S`` on). Under DDP each
+    rank evaluates what its test loader yields (the whole split from a ``DataLoader``, or its
+    shard) and the sums (correct images, cross-entropy, token losses, PSNR) are added over
+    the ranks, so the figure is the whole split's either way; the loggers write rank 0's.
+
+    Args:
+        every_n_steps: optimizer steps between evaluations (2000: the shared CIFAR run's).
+    """
+
+    def __init__(self, every_n_steps: int = 2000) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+            raise TypeError(f"every_n_steps must be an int, got {every_n_steps!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._loader: Any = None
+        self._last_step = -1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._evaluator(pl_module)  # refuse an unsupported task before training starts
+            self._loader, self._last_step = None, -1
+
+    @staticmethod
+    def _evaluator(pl_module: LightningModule):
+        from lit_divnorm.tasks import ClassificationTask, LanguageModelTask, SuperResolutionTask
+
+        for kind, evaluate in (
+            (ClassificationTask, _test_classifier),
+            (LanguageModelTask, _test_language_model),
+            (SuperResolutionTask, _test_super_resolution),
+        ):
+            if isinstance(pl_module, kind):
+                return evaluate
+        raise TypeError(
+            "PeriodicTest evaluates ClassificationTask, LanguageModelTask or "
+            f"SuperResolutionTask (and their subclasses), got {type(pl_module).__name__}"
+        )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0:  # resumed at an evaluation step
+            self._test_and_log(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or trainer.fast_dev_run or step == self._last_step:
+            return
+        if step > 0 and step % self.every_n_steps == 0:
+            self._test_and_log(trainer, pl_module)
+
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """The test figures of ``pl_module`` now (see the class docstring), training state
+        untouched."""
+        from lightning.pytorch.trainer.states import RunningStage
+
+        evaluate = self._evaluator(pl_module)
+        if self._loader is None:
+            datamodule = trainer.datamodule
+            if datamodule is None:
+                raise RuntimeError("PeriodicTest needs a datamodule with a test_dataloader()")
+            datamodule.setup("test")
+            self._loader = datamodule.test_dataloader()
+        modes = {module: module.training for module in pl_module.modules()}
+        rng_states = capture_rng_states()
+        stage = trainer.state.stage
+        trainer.state.stage = RunningStage.TESTING
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                batches = (trainer.strategy.batch_to_device(batch) for batch in self._loader)
+                return evaluate(pl_module, batches, _summed_over_ranks(trainer))
+        finally:
+            trainer.state.stage = stage
+            for module, training in modes.items():
+                module.train(training)
+            restore_rng_states(rng_states)
+
+    def _test_and_log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step
+        figures = self.evaluate(trainer, pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics(figures, step=trainer.global_step)
+
+
+Summed = Callable[[Tensor], Tensor]  # a tensor summed over the ranks of the run
+
+
+def _summed_over_ranks(trainer: Trainer) -> Summed:
+    def summed(tensor: Tensor) -> Tensor:
+        return trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    return summed
+
+
+def _test_classifier(
+    pl_module: LightningModule, batches: Iterator[Any], summed: Summed
+) -> dict[str, float]:
+    """Top-1 accuracy ``correct / N`` and mean cross-entropy over the ``N`` test images."""
+    sums = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # correct, CE, N
+    for images, labels in batches:
+        logits = pl_module(images)
+        sums[0] += (logits.argmax(dim=1) == labels).sum()
+        sums[1] += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        sums[2] += labels.numel()
+    correct, cross_entropy, total = summed(sums).tolist()
+    if total == 0:
+        raise ValueError("PeriodicTest: the test split is empty")
+    return {"test/acc": correct / total, "test/loss": cross_entropy / total}
+
+
+def _test_language_model(
+    pl_module: LightningModule, batches: Iterator[Any], summed: Summed
+) -> dict[str, float]:
+    """Perplexity over the test stream (:class:`~lit_divnorm.tasks.language_model.Perplexity`
+    sums over the ranks itself)."""
+    from lit_divnorm.models.rnn_lm import detach_state, state_batch_size
+    from lit_divnorm.tasks.language_model import Perplexity
+
+    perplexity = Perplexity().to(pl_module.device)
+    state = None
+    for inputs, targets in batches:
+        if not pl_module.carry_state or state_batch_size(state) not in (None, inputs.shape[0]):
+            state = None
+        logits, state = pl_module(inputs, state)
+        state = detach_state(state)
+        nll_sum = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
+        perplexity.update(nll_sum, targets.numel())
+    return {"test/ppl": float(perplexity.compute())}
+
+
+def _test_super_resolution(
+    pl_module: LightningModule, batches: Iterator[Any], summed: Summed
+) -> dict[str, float]:
+    """Mean PSNR and SSIM over the test images (the task's own per-image measures)."""
+    from lit_divnorm.tasks.super_resolution import (
+        center_crop,
+        psnr_per_image,
+        ssim_per_image,
+        to_pixels,
+    )
+
+    sums = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # PSNR, SSIM, images
+    for bicubic, hr in batches:
+        output = pl_module(bicubic)
+        truth = to_pixels(center_crop(hr, (hr.shape[-1] - output.shape[-1]) // 2))
+        sums[0] += psnr_per_image(to_pixels(output), truth).sum()
+        sums[1] += ssim_per_image(to_pixels(output), truth).sum()
+        sums[2] += output.shape[0]
+    psnr, ssim, images = summed(sums).tolist()
+    if images == 0:
+        raise ValueError("PeriodicTest: the test split is empty")
+    return {"test/psnr": psnr / images, "test/ssim": ssim / images}

@@ -1,21 +1,36 @@
-"""Read a sweep's runs and write the paper's tables with our numbers beside the paper's.
+"""RESULTS.md: the paper's tables filled only from finished runs, beside the paper's numbers.
 
-    lit-divnorm report runs/ [--out runs/report]
+    lit-divnorm report                          results/ -> RESULTS.md and results/plots/*.png
+    lit-divnorm report --import ../shared/runs  records runs made elsewhere into results/ first
+    lit-divnorm report runs/ [more run folders] run folders -> runs/report/report.md and PNGs
+        [--results DIR] [--out FILE.md] [--plots DIR | --no-plots]
 
-Writes ``report.md`` (Table 3: model x dataset test accuracy, Table 4: model x cell test
-perplexity, Tables 5-6: PSNR / SSIM; each cell ours | paper | ours - paper, plus a table of our
-runs the paper has no number for) and PNG plots: ``curves_<area>.png`` (the validation metric of
-every normalizer of one experiment over training steps; the training metric when a task has no
-validation loop, as the paper's CIFAR setting) and ``bars_<table>.png`` (final metrics, ours
-against the paper's).
+Sources: the records of :mod:`lit_divnorm.results` (``--results``; ``results`` by default when
+no run folder is given) and run folders, the ``<runs dir>/<area>/<config stem>/<version>/``
+of ``lit-divnorm fit`` and ``lit-divnorm sweep`` (``version_<N>``, ``seed<S>_version_<N>`` or a
+named version; not the ``test_<N>`` folders of evaluation commands). A finished run folder
+(``DONE``) reads as the sweep's record of it; the others are named beside the cells with their
+steps but never give a number: ``failed``, ``untested`` (a plain ``fit`` that ran its whole
+schedule; its test, if any, logged to another folder) or ``unfinished`` (stopped, or still
+running). A run found both as a record and as a folder counts once (the same metrics SHA-256).
 
-Runs are the ``<runs dir>/<area>/<config stem>/<version>/`` folders that ``lit-divnorm fit``
-and :mod:`lit_divnorm.sweep` write (``version_<N>`` or a named version such as a SLURM job
-name; not the ``test_<N>`` folders of evaluation commands, see :mod:`lit_divnorm.runs`); each
-config uses its most recently written version with a ``DONE`` marker, else its most recently
-written version, shown as ``failed`` or ``unfinished``. Only CSV logs (``metrics.csv``) are read.
-A cell with no run reads ``missing``, never 0. The paper's numbers come from
-:mod:`lit_divnorm.paper_results`.
+Each table (Table 3: CIFAR test accuracy, Table 4: PTB test perplexity, Tables 5-6: SR PSNR and
+SSIM; the paper's rows first, then the configs only we ran) has, per column that has runs, one
+row per model: ``ours`` = mean +- sample standard deviation over seeds of the final test
+metric (one value per seed: that seed's record with the most steps), ``seeds`` = how many
+seeds are behind it, the paper's number (:mod:`lit_divnorm.paper_results`), ``diff`` = ours -
+paper, and notes: ``partial: S of T steps`` when no run of the cell finished its schedule
+(then the partial runs are the cell, marked so), failed or unfinished runs, configs that
+differ between the seeds. A cell without runs is empty (``seeds`` 0); nothing is ever 0 for
+want of a run. A list of every run behind the tables (seed, steps, device, commit, source)
+follows, then Table 10 for analysed run folders.
+
+Plots (PNG, matplotlib): ``diff_<table>.png``, ours - paper per row and column with the seeds'
+standard deviation as error bars (hollow markers: partial runs), on an axis around 0 rather
+than bars from 0, so that a gap of a few tenths of a point shows; ``curves_<table>_<column>.png``,
+the test metric over training steps of every run that logged one during training
+(:class:`~lit_divnorm.callbacks.PeriodicTest`, an imported test log), else its validation metric,
+with the paper's final number dashed in the same colour.
 """
 
 from __future__ import annotations
@@ -24,6 +39,9 @@ import argparse
 import csv
 import json
 import math
+import os
+import re
+import statistics
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,31 +51,23 @@ from typing import Any
 import yaml
 
 from lit_divnorm.paper_results import PAPER_DECORRELATION, PAPER_TABLES
+from lit_divnorm.results import (
+    build_record,
+    curves_of,
+    import_runs,
+    load_records,
+    metric_of,
+    normalized_config,
+    read_metric_rows,
+    schedule_steps,
+    training_progress,
+)
 from lit_divnorm.runs import is_run_folder, run_folders
 from lit_divnorm.sweep import DONE_MARKER, FAILED_MARKER
 
 Series = list[tuple[int, float]]
-
-
-@dataclass
-class Run:
-    """The chosen version of one config's runs.
-
-    ``status``: ``"done"``, ``"failed"`` or ``"unfinished"``; ``metrics``: every logged
-    metric as ``[(step, value), ...]`` in file order; ``config``: the run's saved config.
-    """
-
-    area: str
-    name: str
-    log_dir: Path
-    status: str
-    metrics: dict[str, Series] = field(default_factory=dict)
-    config: dict[str, Any] | None = None
-
-    def final(self, metric: str) -> float | None:
-        """The last logged value of ``metric``, or ``None`` if it was never logged."""
-        series = self.metrics.get(metric)
-        return series[-1][1] if series else None
+DEFAULT_RESULTS = "results"
+DEFAULT_OUT = "RESULTS.md"
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, Series]:
@@ -77,43 +87,129 @@ def read_metrics_csv(path: str | Path) -> dict[str, Series]:
     return metrics
 
 
-def load_run(log_dir: Path, area: str, name: str) -> Run:
-    if (log_dir / DONE_MARKER).is_file():
-        status = "done"
-    elif (log_dir / FAILED_MARKER).is_file():
+@dataclass
+class Result:
+    """One run the report knows: a record (``status`` ``"done"``) or a run folder that did
+    not finish (``"failed"``, ``"unfinished"``: then ``record`` is ``None``)."""
+
+    experiment: str
+    seed: int | None
+    status: str
+    steps: int
+    schedule_steps: int | None
+    curves: dict[str, list[list[float]]]
+    config: dict[str, Any]
+    record: dict[str, Any] | None = None
+    log_dir: Path | None = None
+    record_file: Path | None = None
+
+    @property
+    def area(self) -> str:
+        return self.experiment.rsplit("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.experiment.rsplit("/", 1)[1]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.record and self.record["complete"])
+
+    def value(self, metric: str) -> float | None:
+        """The final test ``metric`` of a finished run (``None`` otherwise)."""
+        if self.record is None:
+            return None
+        value = self.record["test_metrics"].get(metric)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _from_record(record: dict[str, Any], path: Path | None, log_dir: Path | None) -> Result:
+    return Result(
+        experiment=record["experiment"],
+        seed=record["seed"],
+        status="done",
+        steps=int(record["steps"]),
+        schedule_steps=record["schedule_steps"],
+        curves=record.get("curves") or {},
+        config=record.get("config") or {},
+        record=record,
+        log_dir=log_dir,
+        record_file=path,
+    )
+
+
+def _unfinished(log_dir: Path, experiment: str) -> Result:
+    """A run folder without ``DONE``: its status (``failed``; ``untested``: a ``fit`` that
+    ran its config's whole schedule, tested elsewhere if at all; else ``unfinished``), steps
+    and curves from its own files."""
+    rows = read_metric_rows(log_dir / "metrics.csv")
+    steps, epochs = training_progress(rows)
+    config_file = log_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    config = config if isinstance(config, dict) else {}
+    per_epoch = steps // epochs if epochs and steps % epochs == 0 else None
+    schedule = schedule_steps(config.get("trainer") or {}, per_epoch)
+    if (log_dir / FAILED_MARKER).is_file():
         status = "failed"
+    elif schedule is not None and steps >= schedule:
+        status = "untested"
     else:
         status = "unfinished"
-    metrics_file = log_dir / "metrics.csv"
-    metrics = read_metrics_csv(metrics_file) if metrics_file.is_file() else {}
-    config_file = log_dir / "config.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
-    return Run(area, name, log_dir, status, metrics, config)
+    seed = config.get("seed_everything")
+    return Result(
+        experiment=experiment,
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        status=status,
+        steps=steps,
+        schedule_steps=schedule,
+        curves=curves_of(rows, metric_of(experiment)),
+        config=normalized_config(config),
+        log_dir=log_dir,
+    )
 
 
-def collect_runs(runs_dir: str | Path) -> list[Run]:
-    """One :class:`Run` per config found under ``runs_dir`` (see the module docstring)."""
+def read_run_folders(runs_dir: str | Path) -> list[Result]:
+    """Every run folder under ``runs_dir`` as a :class:`Result` (see the module docstring)."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise ValueError(f"runs_dir must be an existing folder, got {str(runs_dir)!r}")
     roots = sorted({path.parent for path in runs_dir.rglob("*") if is_run_folder(path)})
-    runs = []
+    found = []
     for root in roots:
-        found = run_folders(root)
-        if not found:
-            continue
-        done = [v for v in found if (v / DONE_MARKER).is_file()]
-        chosen = done[-1] if done else found[-1]
-        area = root.parent.relative_to(runs_dir).as_posix()
-        runs.append(load_run(chosen, area, root.name))
-    return runs
+        experiment = root.relative_to(runs_dir).as_posix()
+        if "/" not in experiment:
+            continue  # a run folder directly below runs_dir names no experiment
+        for log_dir in run_folders(root):
+            if (log_dir / DONE_MARKER).is_file():
+                record = build_record(log_dir, experiment, kind="run folder")
+                found.append(_from_record(record, None, log_dir))
+            else:
+                found.append(_unfinished(log_dir, experiment))
+    return found
+
+
+def collect_results(
+    results_dir: str | Path | None = None, runs_dirs: Iterable[str | Path] = ()
+) -> list[Result]:
+    """The records of ``results_dir`` and the run folders of ``runs_dirs``; a run folder
+    whose metrics a record already holds is not counted again."""
+    results = []
+    if results_dir is not None:
+        for path, record in load_records(results_dir).items():
+            results.append(_from_record(record, path, None))
+    known = {r.record["source"]["metrics_sha256"] for r in results if r.record}
+    for runs_dir in runs_dirs:
+        for result in read_run_folders(runs_dir):
+            if result.record is None or result.record["source"]["metrics_sha256"] not in known:
+                results.append(result)
+    return results
 
 
 def _belongs(area: str, areas: Iterable[str]) -> bool:
     return any(area == a or (a.endswith("/") and area.startswith(a)) for a in areas)
 
 
-def column_of(run: Run, table: dict[str, Any]) -> str:
+def column_of(result: Result, table: dict[str, Any]) -> str:
     """The table column a run fills: its area, or ``"<test set> x<scale>"`` for SR.
 
     An SR run's test figure is that of the checkpoint chosen on its validation set (the
@@ -122,25 +218,43 @@ def column_of(run: Run, table: dict[str, Any]) -> str:
     beside the paper's figure.
     """
     if table["column_from"] == "sr_eval":
-        data = ((run.config or {}).get("data") or {}).get("init_args") or {}
-        if "test_dir" in data and "scale" in data:
+        data = (result.config.get("data") or {}).get("init_args") or {}
+        if data.get("test_dir") and "scale" in data:
             test = Path(str(data["test_dir"])).name
             same = Path(str(data.get("val_dir"))).name == test
             return f"{test} x{data['scale']}" + (" (val = test)" if same else "")
-    return run.area
+    return result.area
 
 
 @dataclass
 class Cell:
-    ours: float | None
+    """One (row, column) of a table: one value per seed, the paper's number and notes."""
+
     paper: float | None
-    status: str  # "done", "failed", "unfinished", "missing", "not run", "no metric"
+    values: dict[int | None, float] = field(default_factory=dict)
+    partial: list[tuple[int, int | None]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    not_ours: bool = False
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values.values()) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (``None`` for fewer than two)."""
+        return statistics.stdev(self.values.values()) if len(self.values) > 1 else None
 
     @property
     def difference(self) -> float | None:
-        if self.ours is None or self.paper is None:
+        if self.mean is None or self.paper is None:
             return None
-        return self.ours - self.paper
+        return self.mean - self.paper
 
 
 @dataclass
@@ -154,47 +268,81 @@ class Table:
     cells: dict[tuple[str, str], Cell]
     higher_is_better: bool
 
+    def columns_with_runs(self) -> list[str]:
+        return [
+            column
+            for column in self.columns
+            if any(self.cells[(row, column)].results for row in self.rows)
+        ]
 
-def build_table(key: str, runs: list[Run]) -> Table | None:
-    """Fill the paper's table ``key`` with ``runs``; ``None`` if no run belongs to it.
 
-    Rows/columns of the paper come first, then rows/columns only we ran (paper: none).
-    """
+def fill_cell(cell: Cell, results: list[Result], metric: str) -> Cell:
+    """Put ``results`` (runs of one row and column) into ``cell``: per seed the finished run
+    with the most steps; the complete runs when any completed its schedule, else the partial
+    ones (noted with their steps); unfinished and failed runs of seeds without a finished
+    one as notes."""
+    cell.results = results
+    finished = [r for r in results if r.record is not None and r.value(metric) is not None]
+    chosen = [r for r in finished if r.complete] or finished
+    by_seed: dict[int | None, Result] = {}
+    for result in chosen:
+        best = by_seed.get(result.seed)
+        if best is None or result.steps >= best.steps:
+            by_seed[result.seed] = result
+    cell.values = {seed: r.value(metric) for seed, r in sorted(by_seed.items(), key=_seed_key)}
+    if by_seed and not any(r.complete for r in by_seed.values()):
+        cell.partial = sorted({(r.steps, r.schedule_steps) for r in by_seed.values()})
+        cell.notes.append(
+            "partial: "
+            + ", ".join(f"{s} of {t if t is not None else '?'} steps" for s, t in cell.partial)
+        )
+    if len({r.record["config_sha256"] for r in by_seed.values()}) > 1:
+        cell.notes.append(f"{len({r.record['config_sha256'] for r in by_seed.values()})} configs")
+    other = [r for r in results if r.record is None and r.seed not in by_seed]
+    for status in ("failed", "untested", "unfinished"):
+        runs = [r for r in other if r.status == status]
+        if runs:
+            steps = ", ".join(f"{r.steps}/{r.schedule_steps or '?'}" for r in runs)
+            cell.notes.append(f"{len(runs)} {status} ({steps} steps)")
+    done_without = [r for r in results if r.record is not None and r.value(metric) is None]
+    if done_without and not cell.values:
+        cell.notes.append(f"{len(done_without)} finished without {metric}")
+    return cell
+
+
+def _seed_key(item: tuple[int | None, Any]) -> tuple[int, int]:
+    return (0, item[0]) if item[0] is not None else (1, 0)
+
+
+def build_table(key: str, results: list[Result]) -> Table | None:
+    """Fill the paper's table ``key`` with ``results``; ``None`` if no run belongs to it."""
     spec = PAPER_TABLES[key]
-    mine = [run for run in runs if _belongs(run.area, spec["areas"])]
+    mine = [r for r in results if _belongs(r.area, spec["areas"])]
     if not mine:
         return None
     rows, columns = dict(spec["rows"]), dict(spec["columns"])
-    by_cell: dict[tuple[str, str], Run] = {}
-    for run in mine:
-        column = column_of(run, spec)
-        rows.setdefault(run.name, run.name)
+    by_cell: dict[tuple[str, str], list[Result]] = {}
+    for result in mine:
+        column = column_of(result, spec)
+        rows.setdefault(result.name, result.name)
         columns.setdefault(column, column)
-        by_cell[(run.name, column)] = run
+        by_cell.setdefault((result.name, column), []).append(result)
     # a row with its own metric but no config (the bicubic baseline) reads that metric from
-    # any finished run of the column: every SR run logs the bicubic figure beside its own
-    derived_rows = set(spec.get("row_metrics", {})) - {run.name for run in mine}
+    # every finished run of the column: every SR run logs the bicubic figure beside its own
+    derived = set(spec.get("row_metrics", {})) - {result.name for result in mine}
     cells = {}
     for row in rows:
         metric = spec.get("row_metrics", {}).get(row, spec["metric"])
         for column in columns:
-            paper = spec["values"].get(row, {}).get(column)
-            run = by_cell.get((row, column))
-            if run is None and row in derived_rows:
-                done = [r for (_, c), r in sorted(by_cell.items()) if c == column]
-                done = [r for r in done if r.status == "done"]
-                run = done[0] if done else None
+            cell = Cell(spec["values"].get(row, {}).get(column))
             if row in spec["not_ours"]:
-                cells[(row, column)] = Cell(None, paper, "not run")
-            elif run is None:
-                cells[(row, column)] = Cell(None, paper, "missing")
-            elif run.status != "done":
-                cells[(row, column)] = Cell(None, paper, run.status)
+                cell.not_ours = True
+            elif row in derived:
+                runs = [r for (_, c), rs in by_cell.items() if c == column for r in rs]
+                fill_cell(cell, [r for r in runs if r.record is not None], metric)
             else:
-                value = run.final(metric)
-                cells[(row, column)] = Cell(
-                    value, paper, "done" if value is not None else "no metric"
-                )
+                fill_cell(cell, by_cell.get((row, column), []), metric)
+            cells[(row, column)] = cell
     return Table(
         key,
         spec["title"],
@@ -209,67 +357,139 @@ def build_table(key: str, runs: list[Run]) -> Table | None:
 
 def _number(value: float | None, digits: int, signed: bool = False) -> str:
     if value is None or math.isnan(value):
-        return "—"
+        return ""
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def cell_text(cell: Cell, digits: int) -> str:
+    """``mean +- std`` (the mean alone for one seed), ``""`` without runs."""
+    if cell.not_ours:
+        return "not run (another method)"
+    if cell.mean is None:
+        return ""
+    if cell.std is None:
+        return _number(cell.mean, digits)
+    return f"{_number(cell.mean, digits)} ± {_number(cell.std, digits)}"
+
+
 def table_markdown(table: Table) -> str:
-    """The table as Markdown: one row per model, ``ours | paper | diff`` per column."""
+    """One Markdown table per column that has runs: model, ours, seeds, paper, diff, notes."""
     better = "higher" if table.higher_is_better else "lower"
     lines = [
         f"## {table.title}",
         "",
-        f"Metric `{table.metric}` ({better} is better); diff = ours - paper.",
+        f"Metric `{table.metric}` ({better} is better). ours: mean ± sample std over seeds of "
+        "the final test value; seeds: how many seeds are behind it; diff = ours - paper. "
+        "An empty cell has no run.",
         "",
     ]
-    header = ["Model"]
-    for label in table.columns.values():
-        header += [f"{label} ours", f"{label} paper", f"{label} diff"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    for row, label in table.rows.items():
-        parts = [label]
-        for column in table.columns:
+    with_runs = table.columns_with_runs()
+    for column in with_runs:
+        lines += [
+            f"### {table.columns[column]}",
+            "",
+            "| Model | ours | seeds | paper | diff | notes |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row, label in table.rows.items():
             cell = table.cells[(row, column)]
-            ours = _number(cell.ours, table.digits) if cell.status == "done" else cell.status
-            parts += [
-                ours,
+            parts = [
+                label,
+                cell_text(cell, table.digits),
+                "" if cell.not_ours else str(cell.seeds),
                 _number(cell.paper, table.digits),
                 _number(cell.difference, table.digits, signed=True),
+                "; ".join(cell.notes),
             ]
-        lines.append("| " + " | ".join(parts) + " |")
+            lines.append("| " + " | ".join(parts) + " |")
+        lines.append("")
+    without = [label for column, label in table.columns.items() if column not in with_runs]
+    if without:
+        lines.append(f"No runs yet: {', '.join(without)}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _where(result: Result, base: Path) -> str:
+    if result.record_file is not None and result.record is not None:
+        source = result.record["source"]
+        link = _link(result.record_file, base)
+        return f"{source['kind']} of `{source['run_dir']}`: [{result.record_file.name}]({link})"
+    return f"run folder `{result.log_dir}`"
+
+
+def _flags(record: dict[str, Any]) -> str:
+    """The command-line flags a run had beyond its config (``—`` for none), for a table."""
+    flags = [flag for flag in record.get("overrides") or [] if not flag.startswith("--seed_")]
+    return " ".join(f"`{flag.replace('|', '/')}`" for flag in flags) or "—"
+
+
+def runs_markdown(results: list[Result], base: Path) -> str:
+    """Every run the report read, one line each: what it measured and where it came from
+    (record files linked relative to ``base``, the report's folder)."""
+    if not results:
+        return ""
+    lines = [
+        "## Runs",
+        "",
+        "Every run behind the tables: its final test metric, the steps it ran of its config's "
+        "schedule, where it ran, from which code, with which flags beyond its config, and its "
+        "record.",
+        "",
+        "| Experiment | Seed | Status | Test metric | Steps | Device | Commit | Flags | Source |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in sorted(results, key=lambda r: (r.experiment, str(r.seed), r.steps)):
+        metric = metric_of(result.experiment)
+        value = result.value(metric) if metric else None
+        if value is None and result.record is not None:
+            tests = result.record["test_metrics"]
+            figure = ", ".join(f"{k} {v:.4g}" for k, v in sorted(tests.items())) or "—"
+        else:
+            figure = "—" if value is None else f"{metric} {value:.6g}"
+        steps = f"{result.steps} of {result.schedule_steps or '?'}"
+        record = result.record or {}
+        status = result.status
+        if result.record is not None:
+            status = "complete" if result.complete else "partial"
+        commit = (record.get("git_commit") or "")[:10] + (
+            " (dirty)" if record.get("git_dirty") else ""
+        )
+        lines.append(
+            f"| {result.experiment} | {'—' if result.seed is None else result.seed} | {status} "
+            f"| {figure} | {steps} | {record.get('device') or '—'} | {commit or '—'} | "
+            f"{_flags(record)} | {_where(result, base)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def other_runs_markdown(runs: list[Run]) -> str:
-    """Runs that belong to none of the paper's tables: final test/val metrics."""
+def other_runs_markdown(results: list[Result]) -> str:
+    """Runs that belong to none of the paper's tables: final test metrics or status."""
     tables = PAPER_TABLES.values()
-    others = [r for r in runs if not any(_belongs(r.area, t["areas"]) for t in tables)]
+    others = [r for r in results if not any(_belongs(r.area, t["areas"]) for t in tables)]
     if not others:
         return ""
     lines = [
         "## Other runs (no paper figure)",
         "",
-        "| Run | Status | Final metrics |",
-        "|---|---|---|",
+        "| Run | Seed | Status | Final metrics |",
+        "|---|---|---|---|",
     ]
-    for run in others:
-        finals = {
-            key: run.final(key) for key in sorted(run.metrics) if key.startswith(("test/", "val/"))
-        }
-        text = ", ".join(f"{k} {v:.4g}" for k, v in finals.items()) or "—"
-        lines.append(f"| {run.area}/{run.name} | {run.status} | {text} |")
+    for result in others:
+        tests = (result.record or {}).get("test_metrics", {})
+        text = ", ".join(f"{k} {v:.4g}" for k, v in sorted(tests.items())) or "—"
+        lines.append(f"| {result.experiment} | {result.seed} | {result.status} | {text} |")
     return "\n".join(lines) + "\n"
 
 
-def decorrelation_markdown(runs: list[Run]) -> str:
-    """Table 10 (first-layer mean |correlation| and MI, nats) for runs analysed with
+def decorrelation_markdown(results: list[Result]) -> str:
+    """Table 10 (first-layer mean |correlation| and MI, nats) for run folders analysed with
     ``lit-divnorm analyze`` (``<run>/analysis/analysis.json``), beside the paper's figures."""
     found = []
-    for run in runs:
-        path = run.log_dir / "analysis" / "analysis.json"
-        if path.is_file():
-            found.append((run, json.loads(path.read_text())))
+    for result in results:
+        path = result.log_dir / "analysis" / "analysis.json" if result.log_dir else None
+        if path is not None and path.is_file():
+            found.append((result, json.loads(path.read_text())))
     if not found:
         return ""
     lines = [
@@ -281,26 +501,15 @@ def decorrelation_markdown(runs: list[Run]) -> str:
         "| Run | corr ours | corr paper | MI ours | MI paper |",
         "|---|---|---|---|---|",
     ]
-    for run, result in found:
-        paper = PAPER_DECORRELATION.get(run.name) if run.area == "cifar10" else None
+    for result, figures in found:
+        paper = PAPER_DECORRELATION.get(result.name) if result.area == "cifar10" else None
         lines.append(
-            f"| {run.area}/{run.name} | {result['mean_abs_correlation']:.4f} | "
-            f"{_number(paper and paper[0], 4)} | "
-            f"{result['mean_mutual_information_nats']:.4f} | {_number(paper and paper[1], 4)} |"
+            f"| {result.experiment} | {figures['mean_abs_correlation']:.4f} | "
+            f"{_number(paper and paper[0], 4) or '—'} | "
+            f"{figures['mean_mutual_information_nats']:.4f} | "
+            f"{_number(paper and paper[1], 4) or '—'} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def curve_metric(runs: list[Run], metric: str) -> str | None:
-    """What to plot for ``metric`` (e.g. ``test/acc``): its ``val/`` form if any run logged
-    it, else the training form (``train/acc_epoch``, ``train/acc_step``, ``train/acc``)."""
-    leaf = metric.split("/", 1)[1]
-    candidates = [f"val/{leaf}", f"train/{leaf}_epoch", f"train/{leaf}_step", f"train/{leaf}"]
-    candidates += ["val/loss", "train/loss_epoch", "train/loss_step", "train/loss"]
-    for candidate in candidates:
-        if any(run.metrics.get(candidate) for run in runs):
-            return candidate
-    return None
 
 
 def save_figure(figure, path: str | Path) -> Path:
@@ -325,105 +534,215 @@ def _pyplot():
     return plt
 
 
-def plot_curves(runs: list[Run], metric: str, title: str, path: str | Path) -> Path | None:
-    """One chart: ``metric``'s curve (see :func:`curve_metric`) of every run over steps."""
-    shown = curve_metric(runs, metric)
-    if shown is None:
+def plot_differences(table: Table, path: str | Path) -> Path | None:
+    """Ours - paper per row (one panel per column with runs), the seeds' standard deviation
+    as error bars, hollow markers for partial runs, a line at 0; ``None`` if nothing to
+    plot (no cell with both a run and a paper number)."""
+    panels = []
+    for column in table.columns_with_runs():
+        rows = [row for row in table.rows if table.cells[(row, column)].difference is not None]
+        if rows:
+            panels.append((column, rows))
+    if not panels:
+        return None
+    plt = _pyplot()
+    height = max(3.0, 0.45 * max(len(rows) for _, rows in panels) + 1.5)
+    size = (max(8, 6 * len(panels)), height)
+    figure, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
+    for axis, (column, rows) in zip(axes[0], panels):
+        reach = 0.0
+        for position, row in enumerate(rows):
+            cell = table.cells[(row, column)]
+            error = cell.std or 0.0
+            reach = max(reach, abs(cell.difference) + error)
+            axis.errorbar(
+                cell.difference,
+                position,
+                xerr=error if cell.std is not None else None,
+                fmt="o",
+                color="C0",
+                markerfacecolor="white" if cell.partial else "C0",
+                capsize=4,
+            )
+            note = f"n={cell.seeds}" + (", partial" if cell.partial else "")
+            axis.annotate(
+                note,
+                (cell.difference, position),
+                xytext=(6, 6),
+                textcoords="offset points",
+                fontsize="small",
+            )
+        axis.axvline(0.0, color="black", linewidth=1)
+        reach = reach * 1.4 or 1.0
+        axis.set_xlim(-reach, reach)
+        axis.set_yticks(range(len(rows)))
+        axis.set_yticklabels([table.rows[row] for row in rows])
+        axis.set_ylim(-0.7, len(rows) - 0.3)
+        axis.invert_yaxis()
+        better = "higher" if table.higher_is_better else "lower"
+        axis.set_xlabel(f"ours - paper ({table.metric}; {better} is better)")
+        axis.set_title(table.columns[column])
+        axis.grid(axis="x", alpha=0.3)
+    figure.suptitle(f"{table.title}: ours - paper, error bars: std over seeds")
+    return save_figure(figure, path)
+
+
+def plot_curves(table: Table, column: str, path: str | Path) -> Path | None:
+    """The test metric (else the validation metric) over training steps of every run of
+    ``column`` that logged it, one line per run, the paper's number of its row dashed in the
+    same colour; ``None`` if no run of the column has such a curve."""
+    leaf = table.metric.split("/", 1)[1]
+    lines = []
+    for row in table.rows:
+        for result in table.cells[(row, column)].results:
+            for name in (f"test/{leaf}", f"val/{leaf}"):
+                if result.curves.get(name):
+                    lines.append((row, result, name))
+                    break
+    if not lines:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
-    for run in sorted(runs, key=lambda r: r.name):
-        series = run.metrics.get(shown)
-        if series:
-            steps, values = zip(*series)
-            axis.plot(steps, values, marker="o" if len(series) < 20 else None, label=run.name)
+    colours: dict[str, str] = {}
+    for row, result, name in lines:
+        colour = colours.setdefault(row, f"C{len(colours) % 10}")
+        steps, values = zip(*result.curves[name])
+        seed = "" if result.seed is None else f" seed {result.seed}"
+        state = "" if result.complete else f" ({result.status if not result.record else 'partial'})"
+        axis.plot(
+            steps,
+            values,
+            color=colour,
+            marker="o" if len(steps) < 30 else None,
+            markersize=3,
+            label=f"{table.rows[row]}{seed}: {name}{state}",
+        )
+    for row, colour in colours.items():
+        paper = table.cells[(row, column)].paper
+        if paper is not None:
+            axis.axhline(
+                paper,
+                color=colour,
+                linestyle="--",
+                linewidth=1,
+                label=f"{table.rows[row]}: paper {paper}",
+            )
     axis.set_xlabel("training step")
-    axis.set_ylabel(shown)
-    axis.set_title(title)
+    axis.set_ylabel(table.metric + " (or its val/ form)")
+    axis.set_title(f"{table.title}, {table.columns[column]}: over training")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", ncol=2)
+    axis.legend(fontsize="small")
     return save_figure(figure, path)
 
 
-def plot_bars(table: Table, path: str | Path) -> Path | None:
-    """Grouped bars per column of ``table``: ours beside the paper's, for every row we ran."""
-    columns = [
-        c for c in table.columns if any(table.cells[(r, c)].ours is not None for r in table.rows)
-    ]
-    if not columns:
-        return None
-    plt = _pyplot()
-    figure, axes = plt.subplots(
-        1, len(columns), figsize=(max(6, 5 * len(columns)), 5), squeeze=False
-    )
-    for axis, column in zip(axes[0], columns):
-        rows = [r for r in table.rows if table.cells[(r, column)].ours is not None]
-        positions = range(len(rows))
-        ours = [table.cells[(r, column)].ours for r in rows]
-        paper = [table.cells[(r, column)].paper for r in rows]
-        axis.bar([p - 0.2 for p in positions], ours, width=0.4, label="ours")
-        paper_values = [math.nan if v is None else v for v in paper]
-        axis.bar([p + 0.2 for p in positions], paper_values, width=0.4, label="paper")
-        axis.set_xticks(list(positions))
-        axis.set_xticklabels([table.rows[r] for r in rows], rotation=45, ha="right")
-        axis.set_title(table.columns[column])
-        axis.set_ylabel(table.metric)
-        top = max(v for v in [*ours, *paper] if v is not None)
-        axis.set_ylim(0, top * 1.2)  # room for the legend above the bars
-        axis.legend(fontsize="small", loc="upper right", ncol=2)
-    figure.suptitle(table.title)
-    return save_figure(figure, path)
+def _link(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
 
 
-def write_report(runs_dir: str | Path, out: str | Path | None = None, plots: bool = True) -> Path:
-    """Write ``report.md`` and the plots into ``out`` (default ``<runs_dir>/report``)."""
-    runs = collect_runs(runs_dir)
+def write_report(
+    results_dir: str | Path | None = None,
+    runs_dirs: Iterable[str | Path] = (),
+    out: str | Path = DEFAULT_OUT,
+    plots_dir: str | Path | None = None,
+    plots: bool = True,
+) -> Path:
+    """Write the Markdown report ``out`` (and the PNG plots into ``plots_dir``, default
+    ``out``'s folder) from the records of ``results_dir`` and the run folders of
+    ``runs_dirs``; returns ``out``."""
+    runs_dirs = list(runs_dirs)
+    if results_dir is None and not runs_dirs:
+        raise ValueError("nothing to report: give a results folder or run folders")
+    results = collect_results(results_dir, runs_dirs)
     if plots:
         _pyplot()  # fail before writing anything when matplotlib is missing
-    out = Path(out) if out is not None else Path(runs_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    sections = [f"# Results beside the paper\n\nRuns read from `{runs_dir}`: {len(runs)}.\n"]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plots_dir = Path(plots_dir) if plots_dir is not None else out.parent
+    sources = [f"`{results_dir}` (records)"] if results_dir is not None else []
+    sources += [f"`{folder}` (run folders)" for folder in runs_dirs]
+    finished = sum(r.record is not None for r in results)
+    sections = [
+        "# Results beside the paper\n\n"
+        f"Generated by `lit-divnorm report` from {' and '.join(sources)}: {finished} finished "
+        f"run(s), {len(results) - finished} not finished. Every number below is read from a "
+        "run's own files; see the list of runs at the end.\n"
+    ]
     figures: list[Path] = []
     for key in PAPER_TABLES:
-        table = build_table(key, runs)
+        table = build_table(key, results)
         if table is None:
             continue
         sections.append(table_markdown(table))
-        if plots and (bars := plot_bars(table, out / f"bars_{key}.png")) is not None:
-            figures.append(bars)
-    sections.append(other_runs_markdown(runs))
-    sections.append(decorrelation_markdown(runs))
-    if plots:
-        for area in sorted({run.area for run in runs}):
-            area_runs = [run for run in runs if run.area == area]
-            spec = next((t for t in PAPER_TABLES.values() if _belongs(area, t["areas"])), None)
-            metric = spec["metric"] if spec else "val/loss"
-            name = area.replace("/", "_")
-            curve = plot_curves(
-                area_runs, metric, f"{area}: every normalizer", out / f"curves_{name}.png"
-            )
+        if not plots:
+            continue
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        if (chart := plot_differences(table, plots_dir / f"diff_{key}.png")) is not None:
+            figures.append(chart)
+        for column in table.columns_with_runs():
+            name = re.sub(r"[^a-z0-9-]+", "_", table.columns[column].lower()).strip("_")
+            curve = plot_curves(table, column, plots_dir / f"curves_{key}_{name}.png")
             if curve is not None:
                 figures.append(curve)
     if figures:
         sections.append(
-            "## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
+            "## Plots\n\n"
+            + "\n".join(f"![{p.stem}]({_link(p, out.parent)})" for p in figures)
+            + "\n"
         )
-    report = out / "report.md"
-    report.write_text("\n".join(s for s in sections if s))
-    return report
+    sections.append(runs_markdown(results, out.parent))
+    sections.append(other_runs_markdown(results))
+    sections.append(decorrelation_markdown(results))
+    out.write_text("\n".join(s for s in sections if s))
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="lit-divnorm report",
-        description="Paper-style Markdown tables (ours beside the paper's) and PNG plots.",
+        description="RESULTS.md: the paper's tables from finished runs, beside the paper's "
+        "numbers, with PNG plots.",
     )
-    parser.add_argument("runs_dir", help="the sweep's runs folder")
-    parser.add_argument("--out", help="output folder (default RUNS_DIR/report)")
+    parser.add_argument("runs_dirs", nargs="*", help="run folders to read (runs/ ...)")
+    parser.add_argument(
+        "--results",
+        help="folder of run records (default: results, when no run folder is given)",
+    )
+    parser.add_argument(
+        "--import",
+        dest="import_dir",
+        metavar="FOLDER",
+        help="first record the runs of FOLDER (<run>/RUN.md, the ../shared/runs format)",
+    )
+    parser.add_argument(
+        "--out",
+        help="Markdown file (default RESULTS.md; RUNS_DIR/report/report.md for run folders)",
+    )
+    parser.add_argument(
+        "--plots",
+        help="folder of the PNG plots (default: results/plots for RESULTS.md, else beside "
+        "the Markdown file)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write the Markdown only")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    results_dir = options.results
+    if results_dir is None and (not options.runs_dirs or options.import_dir):
+        results_dir = DEFAULT_RESULTS
+    if options.out is not None:
+        out = Path(options.out)
+    elif options.runs_dirs:
+        out = Path(options.runs_dirs[0]) / "report" / "report.md"
+    else:
+        out = Path(DEFAULT_OUT)
+    plots_dir = options.plots
+    if plots_dir is None and options.out is None and not options.runs_dirs:
+        plots_dir = Path(results_dir) / "plots"
     try:
-        report = write_report(options.runs_dir, options.out, plots=not options.no_plots)
+        if options.import_dir:
+            for path in import_runs(options.import_dir, results_dir):
+                print(f"[report] recorded {path}")
+        report = write_report(
+            results_dir, options.runs_dirs, out, plots_dir, plots=not options.no_plots
+        )
     except ValueError as error:
         parser.error(str(error))
     print(f"[report] wrote {report}")

@@ -1,6 +1,8 @@
-"""Run every config of a folder, one after another, or write a SLURM array job that does.
+"""Run every config of a folder, K at a time, once per seed, or write a SLURM array job.
 
-    lit-divnorm sweep configs/cifar10/ [--runs-dir runs] [--dry-run] [-- --trainer.max_steps=100]
+    lit-divnorm sweep configs/cifar10/ [--runs-dir runs] [-- --trainer.max_steps=100]
+    lit-divnorm sweep configs/cifar10/ --seeds 0 1 2 --parallel 4 [--devices 0 1]
+    lit-divnorm sweep configs/cifar10/ --seeds 0 1 2 --dry-run [--dry-run-steps 3]
     lit-divnorm sweep configs/ptb/ --slurm sweep_ptb.sh --slurm-option=--gres=gpu:1
 
 Configs are the ``*.yaml`` files under the folder (recursively); files and folders whose name
@@ -9,20 +11,32 @@ starts with ``_`` are shared fragments, not experiments, and are skipped. Each c
 metric, otherwise with the final weights, as the paper reads accuracy at the last iteration)
 and logs with a CSV logger forced to::
 
-    <runs dir>/<area>/<config stem>/version_<N>/   metrics.csv, config.yaml, checkpoints/, DONE
+    <runs dir>/<area>/<config stem>/version_<N>/         without --seeds (the config's seed)
+    <runs dir>/<area>/<config stem>/seed<S>_version_<N>/ with --seeds: seed_everything S
 
-where ``area`` is the config's folder below the nearest ancestor named ``configs`` (e.g.
-``cifar10``, ``ptb/lstm``, ``sr/x3``), or below the swept folder's parent otherwise: the same
-folder ``lit-divnorm fit --config`` logs to (:mod:`lit_divnorm.runs`). A run that ends writes
-``DONE`` (JSON: config, steps, test metrics); a run that raises writes ``FAILED`` (the
-traceback) and the sweep goes on. Re-running the sweep skips every config that has a ``DONE``
-version, continues (``--ckpt_path last``) the latest version of a config that was stopped
-without failing (killed, preempted: neither marker) and holds a checkpoint, and starts a new
-version for the others.
+holding ``metrics.csv``, ``config.yaml``, ``checkpoints/`` and ``DONE``, where ``area`` is the
+config's folder below the nearest ancestor named ``configs`` (e.g. ``cifar10``, ``ptb/lstm``,
+``sr/x3``), or below the swept folder's parent otherwise: the folder ``lit-divnorm fit
+--config`` logs to (:mod:`lit_divnorm.runs`). A run that ends writes ``DONE`` (JSON: the
+experiment, seed, steps, schedule, test metrics, device, versions, commit, ...) and its record
+``<results dir>/<area>/<config stem>/seed<S>_<id>.json`` (:mod:`lit_divnorm.results`); a run
+that raises writes ``FAILED`` (the traceback) and the sweep goes on. Re-running the sweep
+skips every (config, seed) that has a ``DONE`` version (writing its record if it lacks one),
+continues (``--ckpt_path last``) the latest version of one that was stopped without failing
+(killed, preempted: neither marker) and holds a checkpoint, and starts a new version for the
+others.
 
-By default every run is its own Python process (a crash cannot take the sweep down, and
-Lightning's multi-GPU launcher can re-launch that process for its other ranks);
-``--in-process`` runs them in this process instead (faster to start; single process only).
+Every run is its own Python process (a crash cannot take the sweep down, and Lightning's
+multi-GPU launcher can re-launch that process for its other ranks); ``--parallel K`` keeps K
+of them running at a time on each device (processes sharing the GPU; on the CPU each gets
+``cores // K`` threads), ``--devices 0 1`` gives each process one of those CUDA devices
+(``CUDA_VISIBLE_DEVICES``), and with more than one at a time each process writes its output
+to ``sweep.log`` in its run folder. A line per finished run says what it measured.
+``--in-process`` runs them one after another in this process instead (single process only).
+``--dry-run`` trains ``--dry-run-steps`` timed steps (after ``--dry-run-warmup`` untimed ones)
+of each config that would run, as many at a time as the sweep would, in temporary folders, and
+prints the planned device time: the schedule's steps x the measured step time, per config and
+in total (:mod:`lit_divnorm.plan`); ``--dry-run-steps 0`` only lists what would run.
 Trainer/model/data overrides for every run follow ``--`` (or are given as ``--key=value``).
 """
 
@@ -30,8 +44,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -41,10 +55,14 @@ from typing import Any
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_divnorm.parallel import Job, Slot, make_slots, run_jobs
 from lit_divnorm.runs import (
     RunCSVLogger,
+    checkpoint_step,
     experiment_area,
+    experiment_name,
     is_rank_zero,
+    newest,
     next_version,
     run_checkpoints,
     versions,
@@ -52,14 +70,18 @@ from lit_divnorm.runs import (
 
 DONE_MARKER = "DONE"
 FAILED_MARKER = "FAILED"
+SWEEP_LOG = "sweep.log"  # a run's output when several run at a time
+MAX_SEED = 2**32 - 1  # seed_everything's range
 
 
 @dataclass
 class SweepRun:
-    """One config of a sweep: where it logs and what became of it.
+    """One (config, seed) of a sweep: where it logs and what became of it.
 
     ``status``: ``"done"``, ``"failed"``, ``"skipped"`` (an earlier version finished) or
-    ``"planned"`` (dry run); ``resume``: ``log_dir`` is a stopped run that this one continues.
+    ``"planned"`` (dry run); ``resume``: ``log_dir`` is a stopped run that this one continues;
+    ``seed``: the ``--seeds`` value it runs with (``None``: the config's own);
+    ``planned_steps`` / ``step_seconds``: what a dry run measured (steps still to run).
     """
 
     config: Path
@@ -67,6 +89,38 @@ class SweepRun:
     log_dir: Path
     status: str
     resume: bool = False
+    seed: int | None = None
+    planned_steps: int | None = None
+    step_seconds: float | None = None
+
+    @property
+    def experiment(self) -> str:
+        """``"<area>/<config stem>"``."""
+        return f"{self.area}/{self.config.stem}"
+
+    @property
+    def label(self) -> str:
+        return self.experiment + ("" if self.seed is None else f" seed {self.seed}")
+
+
+def version_prefix(seed: int | None) -> str:
+    """The run folder prefix: ``version`` (the config's seed) or ``seed<S>_version``."""
+    return "version" if seed is None else f"seed{seed}_version"
+
+
+def check_seeds(seeds: list[int] | tuple | None) -> list[int] | None:
+    """``seeds`` if they are distinct ints in ``[0, 2**32 - 1]`` (or ``None``), else
+    ``ValueError``."""
+    if seeds is None:
+        return None
+    seeds = list(seeds)
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)]
+    bad += [s for s in seeds if isinstance(s, int) and not 0 <= s <= MAX_SEED]
+    if not seeds or bad:
+        raise ValueError(f"seeds must be ints from 0 to {MAX_SEED}, got {seeds}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must not repeat, got {seeds}")
+    return seeds
 
 
 def find_configs(config_dir: str | Path) -> list[Path]:
@@ -92,16 +146,16 @@ def area_of(config: Path, config_dir: Path) -> str:
     return experiment_area(config, Path(config_dir).resolve().parent)
 
 
-def finished_version(run_root: Path) -> Path | None:
-    """The latest version with a ``DONE`` marker, or ``None``."""
-    done = [v for v in versions(run_root) if (v / DONE_MARKER).is_file()]
+def finished_version(run_root: Path, prefix: str = "version") -> Path | None:
+    """The latest ``<prefix>_<N>`` version with a ``DONE`` marker, or ``None``."""
+    done = [v for v in versions(run_root, prefix) if (v / DONE_MARKER).is_file()]
     return done[-1] if done else None
 
 
-def stopped_version(run_root: Path) -> Path | None:
-    """The latest version if it was stopped without failing (no ``DONE``, no ``FAILED``) and
-    holds a checkpoint to continue from, else ``None``."""
-    found = versions(run_root)
+def stopped_version(run_root: Path, prefix: str = "version") -> Path | None:
+    """The latest ``<prefix>_<N>`` version if it was stopped without failing (no ``DONE``, no
+    ``FAILED``) and holds a checkpoint to continue from, else ``None``."""
+    found = versions(run_root, prefix)
     if not found:
         return None
     latest = found[-1]
@@ -122,22 +176,57 @@ def logger_override(log_dir: Path) -> str:
     return f"--trainer.logger={json.dumps(logger)}"
 
 
+def seed_override(seed: int | None) -> list[str]:
+    """``["--seed_everything=S"]`` (nothing for ``None``: the config's own seed)."""
+    return [] if seed is None else [f"--seed_everything={seed}"]
+
+
 def _metrics_of(trainer: Any) -> dict[str, float]:
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
 
-def run_one(config: str | Path, log_dir: str | Path, overrides: list[str] | tuple = ()) -> dict:
+def _schedule_of(config: Path, steps_per_epoch: int | None) -> int | None:
+    """Steps of ``config``'s own schedule (without the sweep's overrides); ``None`` when the
+    config cannot be resolved alone (e.g. it needs an override to parse)."""
+    from lit_divnorm.results import resolved_config, schedule_steps
+
+    try:
+        return schedule_steps(resolved_config(config)["trainer"], steps_per_epoch)
+    except ValueError:
+        return None
+
+
+def run_one(
+    config: str | Path,
+    log_dir: str | Path,
+    overrides: list[str] | tuple = (),
+    *,
+    experiment: str | None = None,
+    results_dir: str | Path | None = None,
+) -> dict:
     """Fit then test one config in this process, logging into ``log_dir``.
 
     Fits with ``--ckpt_path last``: a ``log_dir`` holding a checkpoint of a stopped run is
-    continued. Writes ``log_dir/DONE`` (JSON summary, also returned) when both end normally,
-    and ``log_dir/FAILED`` (the traceback) when anything raises, except a stop by SIGTERM or
-    Ctrl-C (the run can be continued); the exception propagates. Under a distributed launch
-    only rank 0 writes the markers.
+    continued. Writes ``log_dir/DONE`` (JSON summary, also returned: the experiment, seed,
+    steps and the config's own schedule, test metrics, the test/val curves logged during
+    training, wall time, device, threads, package versions, git commit, the command) when
+    both end normally, and with ``results_dir`` the run's record there
+    (:func:`lit_divnorm.results.write_record`); ``log_dir/FAILED`` (the traceback) when
+    anything raises, except a stop by SIGTERM or Ctrl-C (the run can be continued); the
+    exception propagates. Under a distributed launch only rank 0 writes.
     """
     from lit_divnorm.cli import run_cli
+    from lit_divnorm.results import (
+        build_record,
+        curves_of,
+        environment_facts,
+        metric_of,
+        read_metric_rows,
+        write_record,
+    )
 
     config, log_dir = Path(config), Path(log_dir)
+    experiment = experiment or experiment_name(config)
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
@@ -148,18 +237,32 @@ def run_one(config: str | Path, log_dir: str | Path, overrides: list[str] | tupl
         if trainer.interrupted:
             raise RuntimeError(f"training of {config} was interrupted")
         fit_metrics = _metrics_of(trainer)
+        curves = curves_of(read_metric_rows(log_dir / "metrics.csv"), metric_of(experiment))
+        per_epoch = trainer.num_training_batches
+        per_epoch = int(per_epoch) if per_epoch not in (None, float("inf")) else None
         callback = trainer.checkpoint_callback
         use_best = bool(callback and callback.monitor and callback.best_model_path)
         ckpt_path = "best" if use_best else None
         trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        seed = cli.config["fit"].get("seed_everything")
         summary = {
+            "experiment": experiment,
             "config": str(config.resolve()),
             "overrides": list(overrides),
+            "command": shlex.join(["lit-divnorm", "fit", "--config", str(config), *overrides]),
+            "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
             "global_step": int(trainer.global_step),
+            "steps_per_epoch": per_epoch,
+            "schedule_steps": _schedule_of(config, per_epoch),
+            "resumed_from_step": cli._last[1] if cli._last else 0,
             "tested_weights": "best checkpoint" if use_best else "final",
             "minutes": round((time.time() - started) / 60.0, 3),
+            "wall_time_s": round(time.time() - started, 1),
             "fit_metrics": fit_metrics,
             "test_metrics": _metrics_of(trainer),
+            "curves": curves,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            **environment_facts(trainer.strategy.root_device),
         }
     except (SIGTERMException, KeyboardInterrupt):
         raise
@@ -169,29 +272,92 @@ def run_one(config: str | Path, log_dir: str | Path, overrides: list[str] | tupl
         raise
     if trainer.is_global_zero:
         (log_dir / DONE_MARKER).write_text(json.dumps(summary, indent=2))
+        if results_dir is not None:
+            try:  # the run is done either way; the next sweep writes a missing record
+                path = write_record(build_record(log_dir), results_dir)
+                print(f"[sweep] recorded {path}", flush=True)
+            except (OSError, ValueError) as error:
+                print(f"[sweep] could not record {log_dir}: {error}", flush=True)
     return summary
 
 
-def plan(config_dir: str | Path, runs_dir: str | Path, only: str | None = None) -> list[SweepRun]:
-    """What a sweep would do: one :class:`SweepRun` per config, ``skipped`` or ``planned``."""
+def plan(
+    config_dir: str | Path,
+    runs_dir: str | Path,
+    only: str | Path | list[str | Path] | None = None,
+    seeds: list[int] | tuple | None = None,
+) -> list[SweepRun]:
+    """What a sweep would do: one :class:`SweepRun` per config (of ``only``, one config or a
+    list, when given) and seed (``None``: the config's own seed), ``skipped`` or ``planned``."""
     config_dir, runs_dir = Path(config_dir), Path(runs_dir)
+    seeds = check_seeds(seeds)
+    chosen = None
+    if only is not None:
+        chosen = [Path(path) for path in ([only] if isinstance(only, (str, Path)) else only)]
+        known = {config.resolve() for config in find_configs(config_dir)}
+        unknown = [str(path) for path in chosen if path.resolve() not in known]
+        if unknown:
+            raise ValueError(f"only must name configs of {str(config_dir)!r}, got {unknown}")
+        chosen = {path.resolve() for path in chosen}
     runs = []
     for config in find_configs(config_dir):
-        if only is not None and config.resolve() != Path(only).resolve():
+        if chosen is not None and config.resolve() not in chosen:
             continue
         area = area_of(config, config_dir)
         run_root = runs_dir / area / config.stem
-        done = finished_version(run_root)
-        stopped = stopped_version(run_root)
-        if done is not None:
-            runs.append(SweepRun(config, area, done, "skipped"))
-        elif stopped is not None:
-            runs.append(SweepRun(config, area, stopped, "planned", resume=True))
-        else:
-            runs.append(SweepRun(config, area, next_version(run_root), "planned"))
-    if only is not None and not runs:
-        raise ValueError(f"only must name a config of {str(config_dir)!r}, got {only!r}")
+        for seed in seeds or [None]:
+            prefix = version_prefix(seed)
+            done = finished_version(run_root, prefix)
+            stopped = stopped_version(run_root, prefix)
+            if done is not None:
+                runs.append(SweepRun(config, area, done, "skipped", seed=seed))
+            elif stopped is not None:
+                runs.append(SweepRun(config, area, stopped, "planned", resume=True, seed=seed))
+            else:
+                log_dir = next_version(run_root, prefix)
+                runs.append(SweepRun(config, area, log_dir, "planned", seed=seed))
     return runs
+
+
+def _finished_line(run: SweepRun, count: str) -> str:
+    """``[sweep] [2/6] done cifar10/dn_star seed 0: test/acc 0.8077, 6 steps, 0.2 min (dir)``."""
+    if run.status != "done":
+        return f"[sweep] [{count}] FAILED {run.label} (see {run.log_dir / FAILED_MARKER})"
+    from lit_divnorm.results import metric_of
+
+    summary = json.loads((run.log_dir / DONE_MARKER).read_text())
+    metric = metric_of(run.experiment)
+    tests = summary.get("test_metrics", {})
+    shown = {metric: tests[metric]} if metric in tests else tests
+    figures = ", ".join(f"{key} {value:.4g}" for key, value in sorted(shown.items()))
+    return (
+        f"[sweep] [{count}] done {run.label}: {figures or 'no test metric'}, "
+        f"{summary.get('global_step')} steps, {summary.get('minutes')} min ({run.log_dir})"
+    )
+
+
+def _record_finished(run: SweepRun, results_dir: str | Path | None) -> None:
+    """Write the record of a finished run that lacks one (finished before ``--results-dir``
+    was given, or its writing failed); a run without the fields of a record is left out."""
+    if results_dir is None:
+        return
+    from lit_divnorm.results import build_record, record_path, write_record
+
+    try:
+        record = build_record(run.log_dir, run.experiment)
+    except ValueError as error:
+        print(f"[sweep] no record for {run.label}: {error}", flush=True)
+        return
+    if not record_path(record, results_dir).is_file():
+        print(f"[sweep] recorded {write_record(record, results_dir)}", flush=True)
+
+
+def _check_overrides(overrides: list[str] | tuple, seeds: list[int] | None) -> None:
+    if seeds is not None and any(o.startswith("--seed_everything") for o in overrides):
+        raise ValueError(
+            "give the seeds with --seeds, not --seed_everything in the overrides "
+            f"(got {[o for o in overrides if o.startswith('--seed_everything')]})"
+        )
 
 
 def sweep(
@@ -199,36 +365,187 @@ def sweep(
     runs_dir: str | Path = "runs",
     overrides: list[str] | tuple = (),
     *,
+    seeds: list[int] | tuple | None = None,
+    parallel: int = 1,
+    devices: list[str] | tuple | None = None,
+    threads: int | None = None,
     in_process: bool = False,
     dry_run: bool = False,
-    only: str | None = None,
+    dry_run_steps: int = 3,
+    dry_run_warmup: int = 2,
+    only: str | Path | list[str | Path] | None = None,
+    results_dir: str | Path | None = "results",
 ) -> list[SweepRun]:
-    """Run every config of ``config_dir`` that has not finished yet, one after another."""
-    runs = plan(config_dir, runs_dir, only)
+    """Run every (config, seed) of ``config_dir`` that has not finished yet, ``parallel`` at
+    a time per device (see the module docstring); returns them with their status."""
+    seeds = check_seeds(seeds)
+    _check_overrides(overrides, seeds)
+    slots = make_slots(parallel, devices, threads=threads)
+    if in_process and (len(slots) > 1 or devices):
+        raise ValueError(
+            "in_process runs one run at a time in this process, on its own device: got "
+            f"parallel={parallel}, devices={devices}"
+        )
+    _check_devices(devices)
+    runs = plan(config_dir, runs_dir, only, seeds)
+    todo = []
     for run in runs:
         if run.status == "skipped":
-            print(f"[sweep] skip {run.config} (finished: {run.log_dir})", flush=True)
-            continue
-        verb = "continue" if run.resume else "run"
-        if dry_run:
-            print(f"[sweep] would {verb} {run.config} -> {run.log_dir}", flush=True)
-            continue
-        print(f"[sweep] {verb} {run.config} -> {run.log_dir}", flush=True)
-        if in_process:
+            print(f"[sweep] skip {run.label} (finished: {run.log_dir})", flush=True)
+            if not dry_run:
+                _record_finished(run, results_dir)
+        else:
+            verb = "continue" if run.resume else "run"
+            print(f"[sweep] {'would ' if dry_run else ''}{verb} {run.label} -> {run.log_dir}")
+            todo.append(run)
+    sys.stdout.flush()
+    if dry_run:
+        if dry_run_steps > 0 and todo:
+            print_plan(
+                todo,
+                time_runs(todo, overrides, slots, in_process, dry_run_steps, dry_run_warmup),
+                slots,
+            )
+        return runs
+    if in_process:
+        for number, run in enumerate(todo, 1):
             try:
-                run_one(run.config, run.log_dir, overrides)
+                run_one(
+                    run.config,
+                    run.log_dir,
+                    [*overrides, *seed_override(run.seed)],
+                    experiment=run.experiment,
+                    results_dir=results_dir,
+                )
                 run.status = "done"
             except Exception as error:  # a failing run must not stop the others
-                print(f"[sweep] FAILED {run.config}: {type(error).__name__}: {error}", flush=True)
+                print(f"[sweep] {run.label}: {type(error).__name__}: {error}", flush=True)
                 run.status = "failed"
-        else:
-            command = [sys.executable, "-m", "lit_divnorm.sweep", "--run-one", str(run.config)]
-            command += ["--log-dir", str(run.log_dir), "--", *overrides]
-            code = subprocess.run(command, check=False).returncode
-            run.status = "done" if code == 0 and (run.log_dir / DONE_MARKER).is_file() else "failed"
-            if run.status == "failed":
-                print(f"[sweep] FAILED {run.config} (exit code {code})", flush=True)
+            print(_finished_line(run, f"{number}/{len(todo)}"), flush=True)
+        return runs
+    _run_as_processes(todo, overrides, slots, results_dir)
     return runs
+
+
+def _check_devices(devices: list[str] | tuple | None) -> None:
+    """Refuse device indices this machine does not have (when it has CUDA devices)."""
+    if not devices:
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [d for d in devices if count and int(d) >= count]
+    if missing:
+        raise ValueError(
+            f"devices must be CUDA device indices below {count} on this machine, got {missing}"
+        )
+    if not count:
+        print(
+            "[sweep] no CUDA device is visible here; each run still gets its CUDA_VISIBLE_DEVICES",
+            flush=True,
+        )
+
+
+def _run_as_processes(
+    todo: list[SweepRun], overrides: list[str] | tuple, slots: list[Slot], results_dir: Any
+) -> None:
+    finished = 0
+
+    def command(run: SweepRun) -> list[str]:
+        command = [sys.executable, "-m", "lit_divnorm.sweep", "--run-one", str(run.config)]
+        command += ["--log-dir", str(run.log_dir), "--experiment", run.experiment]
+        if results_dir is not None:
+            command += ["--results-dir", str(results_dir)]
+        return [*command, "--", *overrides, *seed_override(run.seed)]
+
+    def job(run: SweepRun) -> Job:
+        def on_start(slot: Slot) -> None:
+            where = f" (output: {run.log_dir / SWEEP_LOG})" if len(slots) > 1 else ""
+            print(f"[sweep] start {run.label} on {slot.describe()}{where}", flush=True)
+
+        def on_exit(code: int, slot: Slot) -> None:
+            nonlocal finished
+            finished += 1
+            done = code == 0 and (run.log_dir / DONE_MARKER).is_file()
+            run.status = "done" if done else "failed"
+            line = _finished_line(run, f"{finished}/{len(todo)}")
+            print(line + ("" if done else f" (exit code {code})"), flush=True)
+
+        log_file = run.log_dir / SWEEP_LOG if len(slots) > 1 else None
+        return Job(command(run), on_exit, log_file=log_file, on_start=on_start)
+
+    run_jobs([job(run) for run in todo], slots)
+
+
+def time_runs(
+    todo: list[SweepRun],
+    overrides: list[str] | tuple,
+    slots: list[Slot],
+    in_process: bool,
+    steps: int,
+    warmup: int,
+) -> dict[Path, Any]:
+    """Time each config of ``todo`` once (:func:`lit_divnorm.plan.time_configs`), in this
+    process or in processes ``len(slots)`` at a time; ``{config: ConfigTiming}``."""
+    from lit_divnorm.plan import time_configs
+
+    configs = list(dict.fromkeys(run.config for run in todo))
+    jobs = [(config, list(overrides)) for config in configs]
+    timings = time_configs(jobs, None if in_process else slots, steps, warmup)
+    return dict(zip(configs, timings))
+
+
+def print_plan(todo: list[SweepRun], timings: dict[Path, Any], slots: list[Slot]) -> None:
+    """The planned device time: per config the runs, steps still to run (the schedule, less
+    a stopped run's checkpoint step), the step time and their product; then the total."""
+    from lit_divnorm.plan import format_hours
+
+    timing = next(iter(timings.values()))
+    print(
+        f"[sweep] planned device time from {len(timing.intervals) or '?'} timed steps per "
+        f"config, {len(slots)} run(s) at a time ({timing.threads} CPU threads each):"
+    )
+    header = f"  {'experiment':<32} {'runs':>4} {'steps':>10} {'ms/step':>9} {'time':>10}"
+    print(header)
+    total = 0.0
+    unknown = []
+    for config, measured in timings.items():
+        runs = [run for run in todo if run.config == config]
+        steps = 0
+        for run in runs:
+            run.step_seconds = measured.step_seconds
+            if measured.schedule_steps is None:
+                continue
+            done = 0
+            if run.resume:
+                latest = newest(run_checkpoints(run.log_dir))
+                done = checkpoint_step(latest) if latest is not None else 0
+            run.planned_steps = max(0, measured.schedule_steps - done)
+            steps += run.planned_steps
+        name = runs[0].experiment
+        if measured.step_seconds is None or measured.schedule_steps is None:
+            unknown.append(name)
+            why = measured.error or "the schedule has no end (max_steps and max_epochs unset)"
+            print(f"  {name:<32} {len(runs):>4}   not timed: {why.splitlines()[0][:200]}")
+            continue
+        hours = steps * measured.step_seconds / 3600.0
+        total += hours
+        print(
+            f"  {name:<32} {len(runs):>4} {steps:>10} {measured.step_seconds * 1e3:>9.1f} "
+            f"{format_hours(hours):>10}"
+        )
+    wall = total / len(slots)
+    print(
+        f"[sweep] total: {format_hours(total)} of run time"
+        + (
+            f", about {format_hours(wall)} of wall time at {len(slots)} at a time"
+            if len(slots) > 1
+            else ""
+        )
+        + (f"; not timed: {', '.join(unknown)}" if unknown else "")
+        + " (training steps only; evaluation not included)",
+        flush=True,
+    )
 
 
 def slurm_script(
@@ -238,22 +555,33 @@ def slurm_script(
     *,
     options: list[str] | tuple = (),
     job_name: str = "lit-divnorm-sweep",
+    seeds: list[int] | tuple | None = None,
+    results_dir: str | Path | None = "results",
 ) -> str:
-    """A SLURM array job running one config of ``config_dir`` per array task.
+    """A SLURM array job running one (config, seed) of ``config_dir`` per array task.
 
-    Each task first asks ``python -m lit_divnorm.sweep DIR --only CONFIG --next-log-dir`` for
-    its version folder (nothing when the config already finished: the task ends), then runs
-    ``srun python -m lit_divnorm.sweep --run-one CONFIG --log-dir DIR``, so every rank of a
-    multi-GPU task (``--ntasks-per-node``/``--gres`` options) logs into the same folder.
-    ``options`` are extra ``#SBATCH`` options, e.g. ``["--gres=gpu:1", "--time=24:00:00"]``.
+    Each task first asks ``python -m lit_divnorm.sweep DIR --only CONFIG [--seeds S]
+    --next-log-dir`` for its version folder (nothing when that run already finished: the task
+    ends), then runs ``srun python -m lit_divnorm.sweep --run-one CONFIG --log-dir DIR``, so
+    every rank of a multi-GPU task (``--ntasks-per-node``/``--gres`` options) logs into the
+    same folder, and the run's record goes to ``results_dir``. ``options`` are extra
+    ``#SBATCH`` options, e.g. ``["--gres=gpu:1", "--time=24:00:00"]``.
     """
+    seeds = check_seeds(seeds)
+    _check_overrides(overrides, seeds)
     configs = [path.resolve() for path in find_configs(config_dir)]
     runs_dir = Path(runs_dir).resolve()
     python = shlex.quote(sys.executable)
+    seed_count = len(seeds) if seeds else 1
+    record = (
+        []
+        if results_dir is None
+        else ["--results-dir", shlex.quote(str(Path(results_dir).resolve()))]
+    )
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}",
-        f"#SBATCH --array=0-{len(configs) - 1}",
+        f"#SBATCH --array=0-{len(configs) * seed_count - 1}",
         f"#SBATCH --output={runs_dir}/slurm/%A_%a.out",
         *(f"#SBATCH {option}" for option in options),
         "set -euo pipefail",
@@ -262,7 +590,12 @@ def slurm_script(
         "CONFIGS=(",
         *(f"  {shlex.quote(str(config))}" for config in configs),
         ")",
-        'CONFIG="${CONFIGS[$SLURM_ARRAY_TASK_ID]}"',
+        "SEEDS=(" + (" ".join(str(seed) for seed in seeds) if seeds else '""') + ")",
+        'CONFIG="${CONFIGS[$((SLURM_ARRAY_TASK_ID / ${#SEEDS[@]}))]}"',
+        'SEED="${SEEDS[$((SLURM_ARRAY_TASK_ID % ${#SEEDS[@]}))]}"',
+        "SEED_ARGS=(); RUN_SEED=()",
+        'if [ -n "$SEED" ]; then SEED_ARGS=(--seeds "$SEED"); '
+        'RUN_SEED=("--seed_everything=$SEED"); fi',
         " ".join(
             [
                 "LOG_DIR=$(" + python,
@@ -270,16 +603,20 @@ def slurm_script(
                 shlex.quote(str(Path(config_dir).resolve())),
                 "--runs-dir",
                 shlex.quote(str(runs_dir)),
-                '--only "$CONFIG" --next-log-dir)',
+                '--only "$CONFIG" "${SEED_ARGS[@]}" --next-log-dir)',
             ]
         ),
-        'if [ -z "$LOG_DIR" ]; then echo "$CONFIG already finished"; exit 0; fi',
+        'if [ -z "$LOG_DIR" ]; then echo "$CONFIG ${SEED:+seed $SEED }already finished"; '
+        "exit 0; fi",
         " ".join(
             [
                 "srun",
                 python,
-                '-m lit_divnorm.sweep --run-one "$CONFIG" --log-dir "$LOG_DIR" --',
+                '-m lit_divnorm.sweep --run-one "$CONFIG"',
+                *record,
+                '--log-dir "$LOG_DIR" --',
                 *(shlex.quote(o) for o in overrides),
+                '"${RUN_SEED[@]}"',
             ]
         ),
     ]
@@ -294,13 +631,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config_dir", nargs="?", help="folder of experiment configs")
     parser.add_argument("--runs-dir", default="runs", help="root of the run folders (runs)")
-    parser.add_argument("--dry-run", action="store_true", help="only print what would run")
+    parser.add_argument(
+        "--results-dir",
+        default="results",
+        help="where each finished run's record goes (results); 'none' writes none",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", metavar="S", help="run each config once per seed"
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=1, metavar="K", help="runs at a time per device (1)"
+    )
+    parser.add_argument(
+        "--devices", nargs="+", metavar="D", help="CUDA devices to spread the runs over"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads per run (default: the cores divided by the runs at a time)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="time a few steps per config, print the plan"
+    )
+    parser.add_argument(
+        "--dry-run-steps", type=int, default=3, metavar="N", help="timed steps per config (3)"
+    )
+    parser.add_argument(
+        "--dry-run-warmup", type=int, default=2, metavar="N", help="untimed first steps (2)"
+    )
     parser.add_argument("--slurm", metavar="FILE", help="write a SLURM array job script instead")
     parser.add_argument(
         "--slurm-option", action="append", default=[], help="extra #SBATCH option (repeatable)"
     )
     parser.add_argument("--in-process", action="store_true", help="run configs in this process")
-    parser.add_argument("--only", metavar="CONFIG", help="run only this config of the folder")
+    parser.add_argument(
+        "--only", nargs="+", metavar="CONFIG", help="run only these configs of the folder"
+    )
     parser.add_argument(
         "--next-log-dir",
         action="store_true",
@@ -308,6 +675,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--run-one", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--log-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--experiment", help=argparse.SUPPRESS)
     return parser
 
 
@@ -328,24 +696,45 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
     if bad:
         parser.error(f"overrides must be --key=value or follow '--', got {bad}")
     overrides = [*unknown, *overrides]
+    results_dir = None if options.results_dir.lower() == "none" else options.results_dir
     if options.run_one:
         if not options.log_dir:
             parser.error("--run-one needs --log-dir")
-        run_one(options.run_one, options.log_dir, overrides)
+        run_one(
+            options.run_one,
+            options.log_dir,
+            overrides,
+            experiment=options.experiment,
+            results_dir=results_dir,
+        )
         return None
     if not options.config_dir:
         parser.error("the config folder (CONFIG_DIR) is required")
+    if options.dry_run_steps < 0 or options.dry_run_warmup < 1:
+        parser.error(
+            "--dry-run-steps must be >= 0 and --dry-run-warmup >= 1, got "
+            f"{options.dry_run_steps} and {options.dry_run_warmup}"
+        )
     try:
         if options.next_log_dir:
             if not options.only:
                 parser.error("--next-log-dir needs --only CONFIG")
-            (run,) = plan(options.config_dir, options.runs_dir, options.only)
+            if len(options.only) > 1 or (options.seeds and len(options.seeds) > 1):
+                parser.error("--next-log-dir takes one config and at most one seed")
+            (run,) = plan(options.config_dir, options.runs_dir, options.only, options.seeds)
             if run.status == "planned":
                 print(run.log_dir.resolve())
             return None
         if options.slurm:
+            if options.parallel != 1 or options.devices:
+                parser.error("--slurm runs one run per array task: leave out --parallel/--devices")
             script = slurm_script(
-                options.config_dir, options.runs_dir, overrides, options=options.slurm_option
+                options.config_dir,
+                options.runs_dir,
+                overrides,
+                options=options.slurm_option,
+                seeds=options.seeds,
+                results_dir=results_dir,
             )
             Path(options.slurm).write_text(script)
             (Path(options.runs_dir) / "slurm").mkdir(parents=True, exist_ok=True)  # job logs
@@ -355,9 +744,16 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
             options.config_dir,
             options.runs_dir,
             overrides,
+            seeds=options.seeds,
+            parallel=options.parallel,
+            devices=options.devices,
+            threads=options.threads,
             in_process=options.in_process,
             dry_run=options.dry_run,
+            dry_run_steps=options.dry_run_steps,
+            dry_run_warmup=options.dry_run_warmup,
             only=options.only,
+            results_dir=results_dir,
         )
     except ValueError as error:
         parser.error(str(error))

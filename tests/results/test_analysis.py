@@ -155,7 +155,8 @@ def test_analyze_cli_on_a_swept_checkpoint_and_report_table_10(tmp_path, capsys)
     norm = {"name": "dn", "sigma": 0.5, "learn_sigma": True}
     folder = write_tiny_sweep(tmp_path, {"dn": norm})
     runs = tmp_path / "runs"
-    sweep = ["sweep", str(folder), "--runs-dir", str(runs), "--in-process", "--"]
+    sweep = ["sweep", str(folder), "--runs-dir", str(runs), "--results-dir", "none"]
+    sweep += ["--in-process", "--"]
     cli_main([*sweep, "--trainer.max_steps=4"])
     run_dir = runs / "cifar10" / "dn" / "version_0"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"

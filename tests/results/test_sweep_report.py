@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,10 +32,12 @@ def _last_value(metrics_csv, column):
     return float(values[-1])
 
 
-def _table_rows(markdown: str, title: str) -> dict[str, list[str]]:
+def _table_rows(markdown: str, title: str, column: str) -> dict[str, list[str]]:
+    """``{model: [ours, seeds, paper, diff, notes]}`` of one column's table of ``title``."""
     section = markdown.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    block = section.split(f"### {column}\n", 1)[1].split("\n### ", 1)[0]
     rows = {}
-    for line in section.splitlines():
+    for line in block.splitlines():
         if line.startswith("| ") and not line.startswith("| Model"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             rows[cells[0]] = cells[1:]
@@ -48,7 +51,8 @@ def swept(tmp_path_factory):
         root, {"bn": "bn", "dn_star": {"name": "dn*", "sigma": 0.5}, "bn_l1": "BROKEN"}
     )
     runs = root / "runs"
-    first = cli_main(["sweep", str(folder), "--runs-dir", str(runs), "--in-process"])
+    args = ["--runs-dir", str(runs), "--results-dir", str(root / "results"), "--in-process"]
+    first = cli_main(["sweep", str(folder), *args])
     return root, folder, runs, first
 
 
@@ -68,8 +72,9 @@ def test_sweep_runs_every_config_and_a_failure_does_not_stop_the_others(swept):
 
 
 def test_rerun_skips_finished_runs_and_retries_failed_ones(swept):
-    _, folder, runs, _ = swept
-    again = cli_main(["sweep", str(folder), "--runs-dir", str(runs), "--in-process"])
+    root, folder, runs, _ = swept
+    args = ["--runs-dir", str(runs), "--results-dir", str(root / "results"), "--in-process"]
+    again = cli_main(["sweep", str(folder), *args])
     status = {run.config.stem: run.status for run in again}
     assert status == {"bn": "skipped", "dn_star": "skipped", "bn_l1": "failed"}
     assert not (runs / "cifar10" / "bn" / "version_1").exists()
@@ -81,7 +86,7 @@ def test_a_stopped_run_is_continued_in_its_own_folder(tmp_path):
     last by the next sweep, in the same version folder, and its metrics kept."""
     folder = write_tiny_sweep(tmp_path, {"bn": "bn"})
     runs = tmp_path / "runs"
-    args = ["sweep", str(folder), "--runs-dir", str(runs), "--in-process"]
+    args = ["sweep", str(folder), "--runs-dir", str(runs), "--results-dir", "none", "--in-process"]
     cli_main([*args, "--", "--trainer.max_steps=3"])  # one epoch, then "killed":
     stopped = runs / "cifar10" / "bn" / "version_0"
     (stopped / DONE_MARKER).unlink()
@@ -95,37 +100,42 @@ def test_a_stopped_run_is_continued_in_its_own_folder(tmp_path):
 
 
 def test_report_table_has_ours_beside_the_paper_and_marks_missing_runs(swept, tmp_path):
+    pytest.importorskip("matplotlib", reason="the report's plots need matplotlib")
     _, _, runs, _ = swept
-    report = cli_main(["report", str(runs), "--out", str(tmp_path)])
+    report = cli_main(["report", str(runs), "--out", str(tmp_path / "report.md")])
     markdown = report.read_text()
-    rows = _table_rows(markdown, "Table 3: CIFAR test accuracy")
+    rows = _table_rows(markdown, "Table 3: CIFAR test accuracy", "CIFAR-10")
     spec = PAPER_TABLES["cifar"]
     assert list(rows) == list(spec["rows"].values())  # every paper row, in the paper's order
     for name, label in (("bn", "BN"), ("dn_star", "DN*")):
         ours = _last_value(runs / "cifar10" / name / "version_0" / "metrics.csv", "test/acc")
         paper = spec["values"][name]["cifar10"]
-        # columns: C10 ours, paper, diff, C100 ours, paper, diff
-        assert rows[label][:3] == [f"{ours:.4f}", f"{paper:.4f}", f"{ours - paper:+.4f}"]
-        assert rows[label][3] == "missing"
-        assert rows[label][4] == f"{spec['values'][name]['cifar100']:.4f}"
-    assert rows["BN +L1"][:3] == ["failed", "0.8067", "—"]  # ran and failed: no number, no 0
-    assert rows["LN"][0] == "missing"
-    assert rows["Baseline"][:3] == ["missing", "0.7565", "—"]
+        # ours, seeds, paper, diff, notes: one seed (the config's), its whole schedule of 6 steps
+        assert rows[label] == [f"{ours:.4f}", "1", f"{paper:.4f}", f"{ours - paper:+.4f}", ""]
+    # ran and failed: no number and no 0, the failure named with its steps
+    assert rows["BN +L1"][:4] == ["", "0", "0.8067", ""]
+    assert re.fullmatch(r"\d failed \(0/\?(, 0/\?)* steps\)", rows["BN +L1"][4])
+    assert rows["LN"] == ["", "0", "0.7211", "", ""]
+    assert "No runs yet: CIFAR-100." in markdown  # no CIFAR-100 run: no CIFAR-100 table
     assert "Table 4" not in markdown  # no PTB run, no PTB table
-    for name in ("bars_cifar.png", "curves_cifar10.png"):
+    for name in ("diff_cifar.png", "curves_cifar_cifar-10.png"):
         with Image.open(tmp_path / name) as image:
             image.verify()
         with Image.open(tmp_path / name) as image:
-            assert image.format == "PNG" and image.width >= 400 and image.height >= 300
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 200
             colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
-            assert colours is not None and len(colours) > 20  # lines/bars, not a blank canvas
+            assert colours is not None and len(colours) > 20  # marks and text, not blank
 
 
 def test_dry_run_and_slurm_script_plan_without_running(swept, tmp_path):
     _, folder, _, _ = swept
-    planned = cli_main(["sweep", str(folder), "--runs-dir", str(tmp_path / "r"), "--dry-run"])
+    args = ["--runs-dir", str(tmp_path / "r"), "--dry-run", "--dry-run-steps", "0"]
+    planned = cli_main(["sweep", str(folder), *args])  # a list, no timing
     assert [run.status for run in planned] == ["planned"] * 3
     assert not (tmp_path / "r").exists()
+    two = [str(folder / "dn_star.yaml"), str(folder / "bn.yaml")]
+    chosen = cli_main(["sweep", str(folder), *args, "--only", *two])
+    assert [run.config.stem for run in chosen] == ["bn", "dn_star"]  # the folder's order
     script = slurm_script(
         folder, tmp_path / "r", ["--trainer.max_steps=5"], options=["--gres=gpu:1"]
     )
@@ -139,7 +149,8 @@ def test_sweep_as_separate_processes_and_the_slurm_script(tmp_path):
     folder = write_tiny_sweep(tmp_path, {"a_broken": "BROKEN", "bn": "bn"})
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "lit_divnorm.cli", "sweep", str(folder), "--runs-dir"]
-    command += [str(runs), "--", "--trainer.max_steps=2"]
+    command += [str(runs), "--results-dir", str(tmp_path / "results"), "--threads", "1"]
+    command += ["--", "--trainer.max_steps=2"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr[-2000:]  # a failed run fails the sweep...
     assert "1 done, 0 skipped, 1 failed" in result.stdout  # ...after the others ran
@@ -147,7 +158,8 @@ def test_sweep_as_separate_processes_and_the_slurm_script(tmp_path):
     assert (runs / "cifar10" / "a_broken" / "version_0" / FAILED_MARKER).is_file()
 
     script = tmp_path / "job.sh"
-    cli_main(["sweep", str(folder), "--runs-dir", str(runs), "--slurm", str(script)])
+    results = ["--results-dir", str(tmp_path / "results")]
+    cli_main(["sweep", str(folder), "--runs-dir", str(runs), *results, "--slurm", str(script)])
     assert (runs / "slurm").is_dir()  # SLURM opens its --output file before the job starts
     fake = tmp_path / "bin"
     fake.mkdir()

@@ -1,0 +1,287 @@
+"""Run records: the config hash, the checks, and the import of runs in the ../shared/runs format
+(a fixture folder always; the real shared runs and the committed results/ when present)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lit_divnorm.cli import main as cli_main
+from lit_divnorm.paper_results import PAPER_TABLES
+from lit_divnorm.results import (
+    RECORD_FIELDS,
+    check_record,
+    config_hash,
+    import_run,
+    import_runs,
+    load_records,
+    normalized_config,
+)
+from tests.conftest import REPO_ROOT
+
+SHARED_RUNS = REPO_ROOT.parent / "shared" / "runs"
+
+CIFAR_RUN_MD = """# CIFAR-10, DN* (Table 3), seed 0: the first 200 of the schedule's 80,000 steps
+
+- Config: `configs/cifar10/dn_star.yaml` at project commit f80f94f (unchanged).
+- Command: `lit-divnorm fit --config configs/cifar10/dn_star.yaml --data.data_dir <CIFAR-10>
+  --trainer.max_steps 200 --trainer.callbacks+=<a periodic test>`, then `lit-divnorm test
+  --config configs/cifar10/dn_star.yaml --ckpt_path last.ckpt`.
+- Machine: 2-core CPU, float32, torch 2.14.1, lightning 2.6.6. Wall time 1.5 min (about 0.4 s/step).
+- Steps: 200 of 80,000 (not a finished row).
+- Test accuracy at step 200: {stated} (`test_metrics.csv`).
+"""
+
+PTB_RUN_MD = """# Penn Treebank, LSTM DN* (Table 4), seed 1234: the full 13-epoch schedule
+
+- Config: `configs/ptb/lstm/dn_star.yaml` at project commit f80f94f (unchanged).
+- Commands: `lit-divnorm fit --config configs/ptb/lstm/dn_star.yaml --data.data_dir ptb`,
+  then `lit-divnorm test` with the same config and the final checkpoint.
+- Machine: 2-core CPU, float32, torch 2.14.1, lightning 2.6.6. Fit 2.0 min, test 30 s.
+- Steps: the whole schedule (13 epochs; lr halved every epoch from the 5th). A finished cell.
+- Test perplexity: 102.78 (`test_metrics.csv`).
+"""
+
+
+def _config(seed: int, norm: object, max_steps: int = 200) -> dict:
+    return {
+        "seed_everything": seed,
+        "trainer": {"max_steps": max_steps, "max_epochs": -1, "logger": {"save_dir": "runs"}},
+        "model": {"class_path": "ClassificationTask", "init_args": {"norm": norm}},
+        "data": {"class_path": "CIFAR10DataModule", "init_args": {"data_dir": "/x", "seed": None}},
+    }
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_cifar_run(folder: Path, stated: str = "0.5000", test_acc: float = 0.5) -> Path:
+    """A partial CIFAR run in the shared format: 200 steps (2 epochs of 100), a test log."""
+    folder.mkdir(parents=True)
+    (folder / "RUN.md").write_text(CIFAR_RUN_MD.format(stated=stated))
+    (folder / "config.yaml").write_text(yaml.safe_dump(_config(0, {"name": "dn*"})))
+    rows = [["", 0.001, 99, "", "", ""], [0, "", 99, 0.3, 1.8, ""], [1, "", 199, 0.4, 1.5, ""]]
+    header = ["epoch", "lr-SGD", "step", "train/acc_step", "train/loss_step", "train/acc_epoch"]
+    _write_csv(folder / "metrics.csv", header, rows)
+    _write_csv(
+        folder / "test_metrics.csv",
+        ["epoch", "step", "test/acc", "test/loss"],
+        [[0, 0, test_acc, 1.25]],
+    )
+    (folder / "test_every_100.log").write_text(
+        "step 100 test_acc 0.4100 n 10000 loss 1.4 min 0.7\nstep 200 test_acc 0.5000 n 10000\n"
+    )
+    return folder
+
+
+def write_ptb_run(folder: Path) -> Path:
+    """A whole PTB run: 13 epochs of 10 steps, validation every epoch, the final test."""
+    folder.mkdir(parents=True)
+    (folder / "RUN.md").write_text(PTB_RUN_MD)
+    config = _config(1234, {"name": "dn*"})
+    config["trainer"].update(max_steps=-1, max_epochs=13)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = []
+    for epoch in range(13):
+        last = epoch * 10 + 9
+        rows += [[epoch, last, 5.0 - epoch * 0.1, ""], [epoch, last, "", 200.0 - epoch]]
+    _write_csv(folder / "metrics.csv", ["epoch", "step", "train/loss_step", "val/ppl"], rows)
+    _write_csv(
+        folder / "test_metrics.csv",
+        ["epoch", "step", "test/loss", "test/ppl"],
+        [[0, 0, 92.6, 102.7849]],
+    )
+    return folder
+
+
+def test_config_hash_ignores_where_and_how_a_run_ran_not_what_it_computes():
+    base = _config(0, "bn")
+    moved = _config(7, "bn")  # another seed
+    moved["trainer"]["logger"] = {"save_dir": "elsewhere"}
+    moved["data"]["init_args"]["data_dir"] = "/data/cifar10"
+    assert config_hash(moved) == config_hash(base)
+    assert config_hash(_config(0, "dn")) != config_hash(base)  # another model
+    assert config_hash(_config(0, "bn", max_steps=80000)) != config_hash(base)  # schedule
+    sr = {"data": {"init_args": {"test_dir": "/a/b/Set14", "num_workers": 4}}}
+    assert normalized_config(sr)["data"] == {"init_args": {"test_dir": "Set14"}}
+    with pytest.raises(TypeError, match="config must be a dict"):
+        normalized_config(["trainer"])
+
+
+def test_records_are_checked_field_by_field(tmp_path):
+    record = import_run(write_cifar_run(tmp_path / "run"))
+    assert check_record(record, "r") is record
+    for change, message in (
+        ({"schema": 2}, "schema must be 1, got 2"),
+        ({"seed": "0"}, "seed must be an int"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_record({**record, **change}, "r")
+    incomplete = {k: v for k, v in record.items() if k != "steps"}
+    with pytest.raises(ValueError, match=r"r: the record lacks the fields \['steps'\]"):
+        check_record(incomplete, "r")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json: not JSON"):
+        load_records(tmp_path / "results")
+
+
+def test_import_reads_every_figure_from_the_run_files(tmp_path):
+    shared = tmp_path / "shared_runs"
+    write_cifar_run(shared / "cifar10_dn_star_seed0_200")
+    write_ptb_run(shared / "ptb_lstm_dn_star_seed1234")
+    paths = import_runs(shared, tmp_path / "results")
+    records = {
+        path.parent.relative_to(tmp_path / "results").as_posix(): json.loads(path.read_text())
+        for path in paths
+    }
+    assert sorted(records) == ["cifar10/dn_star", "ptb/lstm/dn_star"]
+    cifar = records["cifar10/dn_star"]
+    assert set(cifar) == set(RECORD_FIELDS)
+    assert (cifar["experiment"], cifar["seed"], cifar["metric"]) == (
+        "cifar10/dn_star",
+        0,
+        "test/acc",
+    )
+    assert cifar["value"] == 0.5 and cifar["test_metrics"] == {"test/acc": 0.5, "test/loss": 1.25}
+    # 200 steps run (train rows at steps 99 and 199) of the repository config's 80,000
+    assert (cifar["steps"], cifar["schedule_steps"], cifar["complete"]) == (200, 80000, False)
+    assert cifar["curves"] == {"test/acc": [[100, 0.41], [200, 0.5]]}  # the test log
+    assert cifar["wall_time_s"] == 90.0 and cifar["device"] == "2-core CPU, float32"
+    assert cifar["versions"]["torch"] == "2.14.1" and cifar["versions"]["lightning"] == "2.6.6"
+    assert cifar["git_commit"].startswith("f80f94f")
+    assert cifar["overrides"] == [
+        "--data.data_dir <CIFAR-10>",
+        "--trainer.max_steps 200",
+        "--trainer.callbacks+=<a periodic test>",
+    ]
+    assert (
+        cifar["source"]["kind"] == "import"
+        and cifar["source"]["run_dir"] == "cifar10_dn_star_seed0_200"
+    )
+    assert cifar["config_sha256"] == config_hash(_config(0, {"name": "dn*"}))
+    ptb = records["ptb/lstm/dn_star"]
+    assert (ptb["seed"], ptb["value"], ptb["metric"]) == (1234, 102.7849, "test/ppl")
+    assert (ptb["steps"], ptb["schedule_steps"], ptb["complete"]) == (130, 130, True)  # 13 x 10
+    assert ptb["curves"]["val/ppl"][:2] == [[9, 200.0], [19, 199.0]]
+    assert ptb["wall_time_s"] == 150.0  # fit 2 min + test 30 s
+    # importing again replaces the same files: one record per run
+    assert import_runs(shared, tmp_path / "results") == paths
+    assert len(list((tmp_path / "results").rglob("*.json"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda run: write_cifar_run(run, stated="0.6000"), "states the test figure 0.6000"),
+        (
+            lambda run: (
+                write_cifar_run(run),
+                (run / "RUN.md").write_text(
+                    CIFAR_RUN_MD.format(stated="0.5").replace("200 of", "300 of")
+                ),
+            ),
+            "states 300 of 80000 steps, but metrics.csv shows 200",
+        ),
+        (
+            lambda run: (write_cifar_run(run), (run / "test_metrics.csv").unlink()),
+            "no test_metrics.csv",
+        ),
+    ],
+)
+def test_an_import_whose_files_disagree_is_refused_and_writes_nothing(tmp_path, change, message):
+    shared = tmp_path / "shared_runs"
+    write_ptb_run(shared / "a_good_run")
+    change(shared / "b_bad_run")
+    with pytest.raises(ValueError, match=message):
+        import_runs(shared, tmp_path / "results")
+    assert not (tmp_path / "results").exists()  # the good run is not written either
+
+
+def _committed_records() -> dict[str, dict]:
+    return {
+        record["source"]["run_dir"]: record
+        for record in load_records(REPO_ROOT / "results").values()
+        if record["source"]["kind"] == "import"
+    }
+
+
+def test_shared_runs_import_to_the_committed_records(tmp_path):
+    if not SHARED_RUNS.is_dir():
+        pytest.skip(f"the shared runs folder {SHARED_RUNS} is absent")
+    fresh = {
+        json.loads(path.read_text())["source"]["run_dir"]: json.loads(path.read_text())
+        for path in import_runs(SHARED_RUNS, tmp_path / "results")
+    }
+    for name, record in fresh.items():
+        with (SHARED_RUNS / name / "test_metrics.csv").open(newline="") as handle:
+            (row,) = list(csv.DictReader(handle))
+        assert record["value"] == float(row[record["metric"]])
+    cifar = fresh["cifar10_dn_star_seed0_32k"]
+    assert (cifar["steps"], cifar["schedule_steps"], cifar["complete"]) == (32000, 80000, False)
+    assert len(cifar["curves"]["test/acc"]) == 16 and cifar["curves"]["test/acc"][-1][0] == 32000
+    for name in ("ptb_lstm_baseline_seed1234", "ptb_lstm_dn_star_seed1234"):
+        ptb = fresh[name]
+        assert (ptb["steps"], ptb["schedule_steps"], ptb["complete"]) == (30212, 30212, True)
+    assert _committed_records() == fresh  # results/ holds exactly what the files say
+
+
+def test_committed_results_md_cells_are_the_committed_records():
+    """Each RESULTS.md cell with runs is the numpy mean over seeds of the committed records
+    (complete runs when any, else the partial ones; per seed the run with the most steps)."""
+    markdown = (REPO_ROOT / "RESULTS.md").read_text()
+    records = list(load_records(REPO_ROOT / "results").values())
+    assert records, "results/ holds no record"
+    cells: dict[str, list[dict]] = {}
+    for record in records:
+        cells.setdefault(record["experiment"], []).append(record)
+    for experiment, found in cells.items():
+        area, name = experiment.rsplit("/", 1)
+        table = PAPER_TABLES["ptb" if area.startswith("ptb/") else "cifar"]
+        used = [r for r in found if r["complete"]] or found
+        per_seed = {}
+        for record in sorted(used, key=lambda r: r["steps"]):
+            per_seed[record["seed"]] = record["value"]
+        mean = float(np.mean(list(per_seed.values())))
+        digits = table["digits"]
+        shown = f"{mean:.{digits}f}"
+        if len(per_seed) > 1:
+            shown += f" ± {float(np.std(list(per_seed.values()), ddof=1)):.{digits}f}"
+        paper = table["values"][name][area]
+        row = (
+            f"| {table['rows'][name]} | {shown} | {len(per_seed)} | {paper:.{digits}f} | "
+            f"{mean - paper:+.{digits}f} |"
+        )
+        assert row in markdown, f"{experiment}: no row {row!r} in RESULTS.md"
+        if not any(r["complete"] for r in found):
+            assert f"{row} partial: " in markdown
+
+
+def test_report_import_writes_records_then_the_markdown(tmp_path):
+    shared = tmp_path / "shared_runs"
+    write_cifar_run(shared / "cifar10_dn_star_seed0_200")
+    out = tmp_path / "RESULTS.md"
+    cli_main(
+        [
+            "report",
+            "--import",
+            str(shared),
+            "--results",
+            str(tmp_path / "results"),
+            "--out",
+            str(out),
+            "--no-plots",
+        ]
+    )
+    markdown = out.read_text()
+    assert "| DN* | 0.5000 | 1 | 0.8122 | -0.3122 | partial: 200 of 80000 steps |" in markdown
+    assert "| cifar10/dn_star | 0 | partial | test/acc 0.5 | 200 of 80000 |" in markdown
