@@ -208,6 +208,23 @@ def test_compile_options_per_device_and_bad_values():
     assert compile_options(True, cpu) == {}
     assert compile_options(True, cuda) == {"mode": "reduce-overhead"}  # CUDA graphs
     assert compile_options({"backend": "aot_eager"}, cuda) == {"backend": "aot_eager"}
+    task = ClassificationTask()
+    task._device = cuda  # what a trainer on a GPU sets; no tensor moves
+    for options, replays in (
+        (None, False),
+        ({}, False),
+        ({"mode": "reduce-overhead"}, True),
+        ({"mode": "max-autotune"}, True),
+        ({"mode": "max-autotune-no-cudagraphs"}, False),
+        ({"backend": "cudagraphs"}, True),
+        ({"options": {"triton.cudagraphs": True}}, True),
+        ({"backend": "aot_eager"}, False),
+    ):
+        task.compiled_with = options
+        assert task.uses_cuda_graphs == replays, options
+    task._device = cpu
+    task.compiled_with = {"mode": "reduce-overhead"}
+    assert not task.uses_cuda_graphs
     with pytest.raises(ValueError, match=r"unknown torch.compile keyword\(s\) \['fulgraph'\]"):
         ClassificationTask(compile={"fulgraph": True})
     with pytest.raises(TypeError, match=r"compile must be a bool or a dict.*got 'yes'"):

@@ -144,14 +144,18 @@ class NormalizedTask(LightningModule):
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        """Whether the compiled model replays CUDA graphs (mode reduce-overhead or
-        max-autotune on a CUDA device): its outputs are overwritten by the next replay, so
-        what is kept across steps is cloned and every step is marked."""
+        """Whether the compiled model replays CUDA graphs on a CUDA device (inductor's mode
+        reduce-overhead or max-autotune, its option ``triton.cudagraphs``, or the backend
+        ``cudagraphs``): its outputs are overwritten by the next replay, so what is kept
+        across steps is cloned and every step is marked."""
         options = self.compiled_with
+        if options is None or self.device.type != "cuda":
+            return False
+        inductor_options = options.get("options") or {}
         return (
-            options is not None
-            and options.get("mode") in CUDA_GRAPH_MODES
-            and self.device.type == "cuda"
+            options.get("mode") in CUDA_GRAPH_MODES
+            or options.get("backend") == "cudagraphs"
+            or bool(inductor_options.get("triton.cudagraphs"))
         )
 
     def _mark_step(self) -> None:
