@@ -363,7 +363,9 @@ class CifarDataModule(LightningDataModule):
             else:
                 order = EpochOrder(len(dataset), 0, rank, world_size, shuffle=False)
             drop_last = self.drop_last and train
-            return DeviceBatches(resident.batch, order, self.batch_size, drop_last, device)
+            return DeviceBatches(
+                resident.batch, order, self.batch_size, drop_last, device, resumable=train
+            )
         options = {
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,

@@ -71,7 +71,9 @@ class DeviceBatches:
     there once per epoch). With ``batch_size=None`` every index is a batch of its own and
     ``draw(epoch, index)`` gets a Python int (a PTB window, a whole SR image). Every batch
     handed out advances the order by ``batch_size`` (1 with ``None``) before it is yielded,
-    so ``state_dict()`` is the position of the next batch.
+    so ``state_dict()`` is the position of the next batch. An evaluation split
+    (``resumable=False``) is read whole at every pass and leaves the position alone: a
+    sanity check or an earlier validation in the same epoch does not shorten the next one.
 
     Args:
         draw: ``(epoch, indices) -> batch``, the batch of those samples (on ``device``).
@@ -79,6 +81,8 @@ class DeviceBatches:
         batch_size: samples per batch, or ``None`` (each index is a batch).
         drop_last: drop the last incomplete batch of an epoch.
         device: where ``indices`` are put before ``draw`` sees them.
+        resumable: continue from the order's position and advance it (training); ``False``
+            reads every pass from the epoch's start (evaluation).
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class DeviceBatches:
         batch_size: int | None,
         drop_last: bool = False,
         device: torch.device | str = "cpu",
+        resumable: bool = True,
     ) -> None:
         if not callable(draw):
             raise TypeError(f"draw must be callable, got {type(draw).__name__}")
@@ -102,6 +107,9 @@ class DeviceBatches:
         self.batch_size = batch_size
         self.drop_last = bool(drop_last)
         self.device = torch.device(device)
+        self.resumable = bool(resumable)
+
+    batch_sampler = None  # none: Lightning's checks of a loader's sampler read this name too
 
     @property
     def sampler(self) -> EpochOrder:
@@ -118,17 +126,18 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[Any]:
         order, epoch = self.order, self.order.epoch
-        remaining = order.indices()[order.position :]
+        remaining = order.indices()[order.position if self.resumable else 0 :]
+        advance = order.advance if self.resumable else lambda count: None
         if self.batch_size is None:
             for index in remaining.tolist():
-                order.advance(1)
+                advance(1)
                 yield self.draw(epoch, index)
             return
         size = self.batch_size
         count = len(remaining) // size if self.drop_last else math.ceil(len(remaining) / size)
         remaining = remaining.to(self.device, non_blocking=True)
         for start in range(0, count * size, size):
-            order.advance(size)
+            advance(size)
             yield self.draw(epoch, remaining[start : start + size])
 
     def state_dict(self) -> dict[str, int]:

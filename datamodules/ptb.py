@@ -281,11 +281,20 @@ class PennTreebankDataModule(LightningDataModule):
         return BpttWindows(streams if device is None else streams.to(device), bptt)
 
     def _loader(self, split: str, batch_size: int, bptt: int) -> DataLoader | DeviceBatches:
+        """The windows in order. Training resumes at its position (``ResumableLoader``);
+        validation and test read every window at every pass (a plain ``DataLoader`` over
+        the same order, so that the sanity check or an earlier validation of the same epoch
+        does not shorten the next one)."""
         device = resident_device(self.device_resident, self.trainer)
         windows = self.windows(split, batch_size, bptt, device)
         order = EpochOrder(len(windows), shuffle=False)
+        train = split == "train"
         if device is not None:
-            return DeviceBatches(lambda _, index: windows[index], order, None, device=device)
+            return DeviceBatches(
+                lambda _, index: windows[index], order, None, device=device, resumable=train
+            )
+        if not train:
+            return DataLoader(windows, batch_size=None, sampler=order)
         return ResumableLoader(windows, batch_size=None, sampler=order)
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:

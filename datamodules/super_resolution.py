@@ -424,7 +424,7 @@ class SuperResolutionDataModule(LightningDataModule):
                 bicubic, hr = resident[item]
                 return bicubic[None], hr[None]  # (1, 1, H, W), as a DataLoader of batch 1
 
-            return DeviceBatches(draw, order, None, device=device)
+            return DeviceBatches(draw, order, None, device=device, resumable=False)
         return DataLoader(
             images,
             batch_size=1,

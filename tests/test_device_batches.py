@@ -29,6 +29,8 @@ from datamodules.ptb import PennTreebankDataModule
 from datamodules.super_resolution import SuperResolutionDataModule
 from lit_divnorm.callbacks import ResumeCheckpoint
 from lit_divnorm.tasks.classification import ClassificationTask
+from lit_divnorm.tasks.language_model import LanguageModelTask
+from lit_divnorm.tasks.super_resolution import SuperResolutionTask
 from tests.cifar.fixtures import write_cifar10
 from tests.ptb.conftest import random_lines, write_corpus
 from tests.sr.conftest import write_rgb
@@ -215,7 +217,7 @@ def sr_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sr")
     for folder, sizes in (
         ("train", [(30, 34), (27, 40), (25, 25)]),
-        ("eval", [(24, 27), (21, 30)]),
+        ("eval", [(33, 36), (30, 41)]),
     ):
         (root / folder).mkdir()
         for k, (height, width) in enumerate(sizes):
@@ -347,3 +349,67 @@ def test_resumable_loader_state_fits_device_batches(cifar_root):
     assert isinstance(loader, ResumableLoader)
     datamodule.device_resident = True
     assert datamodule.train_dataloader().state_dict().keys() == loader.state_dict().keys()
+
+
+class CountValidation(Callback):
+    """The validation batches of every validation pass (sanity check included)."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[bool, list[tuple[torch.Tensor, ...]]]] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.passes.append((trainer.sanity_checking, []))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:
+        self.passes[-1][1].append(tuple(t.clone() for t in batch))
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_every_validation_pass_reads_the_whole_split(ptb_root, resident):
+    """After the sanity check's two windows, and twice within an epoch (val_check_interval
+    0.5), each validation reads every window from the first: the evaluation order does not
+    resume (the training order does), on both paths."""
+    datamodule = PennTreebankDataModule(
+        str(ptb_root), batch_size=2, bptt=6, device_resident=resident
+    )
+    counter = CountValidation()
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2,
+        val_check_interval=0.5, callbacks=[counter],
+    )  # fmt: skip
+    task = LanguageModelTask(vocab_size=21, hidden_sizes=(8,))
+    trainer.fit(task, datamodule=datamodule)
+    trainer.validate(task, datamodule=datamodule, verbose=False)
+    reference = PennTreebankDataModule(str(ptb_root), batch_size=2, bptt=6)
+    reference.setup("fit")
+    windows = [tuple(w) for w in reference.val_dataloader()]
+    sanity, *passes = counter.passes
+    assert sanity[0] and len(sanity[1]) == 2
+    assert len(passes) == 5  # two per epoch, then validate
+    for checking, batches in passes:
+        assert not checking
+        _assert_same_batches(batches, windows)
+
+
+def test_sr_fit_validates_and_tests_alike_on_both_paths(sr_root):
+    """Whole-image validation and test batches (batch 1, sizes differ) through Lightning."""
+    metrics = []
+    for resident in (False, True):
+        torch.manual_seed(0)
+        datamodule = SuperResolutionDataModule(
+            data_dir=str(sr_root), train_dir="train", val_dir="eval", test_dir="eval",
+            allow_same_val_test=True, scale=3, patch_size=21, patches_per_image=4,
+            batch_size=4, seed=3, device_resident=resident,
+        )  # fmt: skip
+        task = SuperResolutionTask(num_images_to_show=0)
+        trainer = Trainer(
+            accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(task, datamodule=datamodule)
+        fitted = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        [tested] = trainer.test(task, datamodule=datamodule, verbose=False)
+        metrics.append({**fitted, **tested})
+    assert "val/psnr" in metrics[0] and "test/psnr" in metrics[0]
+    assert metrics[1] == metrics[0]
