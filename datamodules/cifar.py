@@ -21,6 +21,11 @@ The training order and the crops and flips are functions of ``(seed, epoch, rank
 (:mod:`datamodules.order`), not of a global random stream: a run resumed from a checkpoint
 taken inside an epoch sees the rest of that epoch exactly as the run that was not stopped,
 with any number of workers. Under DDP each rank reads its own shard of every epoch's order.
+
+``device_resident`` (on by default when training on a GPU) keeps each split on the training
+device as one uint8 tensor and draws the batches there (:class:`~datamodules.device_batches.
+DeviceBatches`): the same order, mean image, crops and flips through the same
+:meth:`CifarDataset.batch`, so both paths give the same batches and resume alike.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.cifar_files import CifarArchive, CifarArrays, download_archive, read_batches
+from datamodules.device_batches import DeviceBatches, check_device_resident, resident_device
 from datamodules.order import (
     EpochOrder,
     ResumableLoader,
@@ -51,7 +57,8 @@ Transform = Callable[[Tensor], Tensor]
 
 
 class SubtractMeanImage:
-    """``x - mean`` on the 0-255 scale; ``x`` uint8 and ``mean`` float, both ``(3, 32, 32)``."""
+    """``x - mean`` on the 0-255 scale; ``x`` uint8 ``(..., 3, 32, 32)``, ``mean`` float
+    ``(3, 32, 32)`` (one image or a batch)."""
 
     def __init__(self, mean: Tensor) -> None:
         self.mean = mean
@@ -59,12 +66,19 @@ class SubtractMeanImage:
     def __call__(self, image: Tensor) -> Tensor:
         return image.float() - self.mean
 
+    def to(self, device: torch.device) -> SubtractMeanImage:
+        """The same transform with its mean image on ``device``."""
+        return SubtractMeanImage(self.mean.to(device))
+
 
 class ScaleToUnit:
-    """``x / 255``: uint8 ``(3, H, W)`` to float in ``[0, 1]``."""
+    """``x / 255``: uint8 ``(..., C, H, W)`` to float in ``[0, 1]``."""
 
     def __call__(self, image: Tensor) -> Tensor:
         return image.float() / 255.0
+
+    def to(self, device: torch.device) -> ScaleToUnit:
+        return self
 
 
 class RandomCropFlip:
@@ -89,13 +103,26 @@ class RandomCropFlip:
         flips = sample_randint(2, self.seed, epoch, indices, stream=2)
         return tops, lefts, flips
 
-    def apply(self, image: Tensor, top: int, left: int, flip: bool) -> Tensor:
-        """The crop at ``(top, left)`` of ``image`` ``(C, H, W)`` padded, flipped if ``flip``."""
-        _, height, width = image.shape
-        pad = self.padding
-        padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
-        crop = padded[:, top : top + height, left : left + width]
-        return crop.flip(-1) if flip else crop
+    def apply(self, images: Tensor, tops: Tensor, lefts: Tensor, flips: Tensor) -> Tensor:
+        """Crop ``b`` of ``images`` ``(B, C, H, W)`` padded, at ``(tops[b], lefts[b])``,
+        flipped where ``flips[b]`` is 1: ``(B, C, H, W)`` on the images' device.
+
+        ``out[b, c, i, j] = padded[b, c, tops[b] + i, lefts[b] + j']`` with ``j' = j``, or
+        ``W - 1 - j`` for a flipped sample; one gather for the whole batch.
+        """
+        batch, channels, height, width = images.shape
+        device, pad = images.device, self.padding
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        rows = tops.to(device)[:, None] + torch.arange(height, device=device)
+        columns = torch.arange(width, device=device)
+        columns = torch.where(flips.to(device)[:, None].bool(), columns.flip(0), columns)
+        columns = lefts.to(device)[:, None] + columns
+        return padded[
+            torch.arange(batch, device=device)[:, None, None, None],
+            torch.arange(channels, device=device)[None, :, None, None],
+            rows[:, None, :, None],
+            columns[:, None, None, :],
+        ]
 
 
 def _split_key(key: int | SampleKey) -> SampleKey:
@@ -106,12 +133,14 @@ def _split_key(key: int | SampleKey) -> SampleKey:
 
 
 class CifarDataset(Dataset):
-    """Images uint8 ``(N, 3, 32, 32)`` and labels ``(N,)``.
+    """Images uint8 ``(N, 3, 32, 32)`` and labels ``(N,)``, on any one device.
 
-    Item ``key`` (an index ``i``, or ``(epoch, i)`` from ``EpochOrder(with_epoch=True)``) is
-    ``(transform(images[i]), labels[i])``, cropped and flipped by ``augment`` (as drawn for
-    sample ``i`` in ``epoch``) when one is given. ``__getitems__`` draws a whole batch's
-    augmentation at once.
+    :meth:`batch` ``(epoch, indices)`` is ``(transform(images[indices]), labels[indices])``,
+    cropped and flipped by ``augment`` (as drawn for each sample in ``epoch``) when one is
+    given: the one implementation of a batch, which the ``DataLoader`` path (item ``key``:
+    an index ``i``, or ``(epoch, i)`` from ``EpochOrder(with_epoch=True)``; ``__getitems__``
+    draws a worker's keys of one epoch at once) and the device-resident path (:meth:`to`,
+    then :class:`~datamodules.device_batches.DeviceBatches`) both call.
     """
 
     def __init__(
@@ -134,20 +163,32 @@ class CifarDataset(Dataset):
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def to(self, device: torch.device) -> CifarDataset:
+        """The same split with its images, labels and mean image on ``device``."""
+        transform = self.transform.to(device) if hasattr(self.transform, "to") else self.transform
+        return CifarDataset(self.images.to(device), self.labels.to(device), transform, self.augment)
+
+    def batch(self, epoch: int, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """``(images (B, 3, 32, 32) float32, labels (B,))`` of the samples ``indices`` ``(B,)``
+        (int64, on the images' device) as drawn in ``epoch``."""
+        images = self.transform(self.images[indices])
+        if self.augment is not None:
+            images = self.augment.apply(images, *self.augment.draw(epoch, indices))
+        return images, self.labels[indices]
+
     def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, Tensor]:
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[int | SampleKey]) -> list[tuple[Tensor, Tensor]]:
         pairs = [_split_key(key) for key in keys]
-        images = [self.transform(self.images[index]) for _, index in pairs]
-        if self.augment is not None:
-            for epoch in sorted({epoch for epoch, _ in pairs}):
-                chosen = [k for k, (e, _) in enumerate(pairs) if e == epoch]
-                indices = torch.tensor([pairs[k][1] for k in chosen], dtype=torch.int64)
-                draws = zip(*(values.tolist() for values in self.augment.draw(epoch, indices)))
-                for k, (top, left, flip) in zip(chosen, draws):
-                    images[k] = self.augment.apply(images[k], top, left, bool(flip))
-        return [(image, self.labels[index]) for image, (_, index) in zip(images, pairs)]
+        items: list[tuple[Tensor, Tensor] | None] = [None] * len(pairs)
+        for epoch in sorted({epoch for epoch, _ in pairs}):
+            chosen = [k for k, (e, _) in enumerate(pairs) if e == epoch]
+            indices = torch.tensor([pairs[k][1] for k in chosen], dtype=torch.int64)
+            images, labels = self.batch(epoch, indices)
+            for k, image, label in zip(chosen, images, labels):
+                items[k] = (image, label)
+        return items
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -172,6 +213,11 @@ class CifarDataModule(LightningDataModule):
         preprocessing: ``"paper"`` (mean image subtracted, 0-255) or ``"resnet"`` (/255,
             pad-4 random crop and flip for training).
         download: let ``prepare_data`` fetch the official archive when files are missing.
+        device_resident: keep every split on the training device as one uint8 tensor and
+            draw, preprocess and shard the batches there (:class:`~datamodules.
+            device_batches.DeviceBatches`: no worker processes, no copy per batch; the same
+            batches as the ``DataLoader`` path); ``None`` (default): on when training on a
+            GPU, off on the CPU. ``num_workers`` and ``pin_memory`` then do not apply.
     """
 
     archive: ClassVar[CifarArchive]
@@ -189,6 +235,7 @@ class CifarDataModule(LightningDataModule):
         preprocessing: Preprocessing = "paper",
         download: bool = True,
         seed: int | None = None,
+        device_resident: bool | None = None,
     ) -> None:
         super().__init__()
         if preprocessing not in PREPROCESSINGS:
@@ -205,10 +252,12 @@ class CifarDataModule(LightningDataModule):
         self.seed = None if seed is None else _check_int("seed", seed, 0)
         self.preprocessing = preprocessing
         self.download = bool(download)
+        self.device_resident = check_device_resident(device_resident)
         self.train_set: CifarDataset | None = None
         self.val_set: CifarDataset | None = None
         self.test_set: CifarDataset | None = None
         self.mean_image: Tensor | None = None
+        self._resident: dict[tuple[str, torch.device], CifarDataset] = {}
 
     # -- what subclasses define ------------------------------------------------------------
     @property
@@ -293,12 +342,30 @@ class CifarDataModule(LightningDataModule):
             return transform, transform
         return ScaleToUnit(), ScaleToUnit()
 
-    def _loader(self, dataset: CifarDataset | None, train: bool) -> DataLoader:
-        """Training: a :class:`ResumableLoader` over this rank's :class:`EpochOrder`;
-        evaluation: in order. Neither draws from the global random generators (worker seeds
-        come from a generator of their own), so resuming does not shift them."""
+    def _loader(self, split: str, train: bool) -> DataLoader | DeviceBatches:
+        """Training: this rank's :class:`EpochOrder` through a :class:`ResumableLoader`, or
+        through :class:`DeviceBatches` over the split's copy on the training device;
+        evaluation: in order (under DDP each rank reads every ``world_size``-th sample, as
+        Lightning's ``DistributedSampler`` does for a ``DataLoader``). Neither draws from the
+        global random generators (worker seeds come from a generator of their own), so
+        resuming does not shift them."""
+        dataset = getattr(self, f"{split}_set")
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before the dataloaders")
+        rank, world_size = rank_and_world_size(self.trainer)
+        device = resident_device(self.device_resident, self.trainer)
+        if device is not None:
+            if (split, device) not in self._resident:
+                self._resident[split, device] = dataset.to(device)
+            resident = self._resident[split, device]
+            if train:
+                order = EpochOrder(len(dataset), self.order_seed, rank, world_size)
+            else:
+                order = EpochOrder(len(dataset), 0, rank, world_size, shuffle=False)
+            drop_last = self.drop_last and train
+            return DeviceBatches(
+                resident.batch, order, self.batch_size, drop_last, device, resumable=train
+            )
         options = {
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
@@ -308,23 +375,22 @@ class CifarDataModule(LightningDataModule):
         }
         if not train:
             return DataLoader(dataset, shuffle=False, **options)
-        rank, world_size = rank_and_world_size(self.trainer)
         order = EpochOrder(
             len(dataset), self.order_seed, rank, world_size, with_epoch=dataset.augment is not None
         )
         return ResumableLoader(dataset, sampler=order, drop_last=self.drop_last, **options)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader | DeviceBatches | list:
         """The held-out split, or ``[]`` (no validation) when ``val_size`` is 0."""
         if self.val_size == 0:
             return []
-        return self._loader(self.val_set, train=False)
+        return self._loader("val", train=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader("test", train=False)
 
 
 class CIFAR10DataModule(CifarDataModule):
@@ -358,6 +424,7 @@ class CIFAR10DataModule(CifarDataModule):
         download: bool = True,
         train_batches: list[int] | None = None,
         seed: int | None = None,
+        device_resident: bool | None = None,
     ) -> None:
         super().__init__(
             data_dir,
@@ -370,6 +437,7 @@ class CIFAR10DataModule(CifarDataModule):
             preprocessing,
             download,
             seed,
+            device_resident,
         )
         if train_batches is not None:
             bad = [b for b in train_batches if isinstance(b, bool) or b not in range(1, 6)]
@@ -437,6 +505,7 @@ class CIFAR100DataModule(CifarDataModule):
         download: bool = True,
         label_type: Literal["fine", "coarse"] = "fine",
         seed: int | None = None,
+        device_resident: bool | None = None,
     ) -> None:
         super().__init__(
             data_dir,
@@ -449,6 +518,7 @@ class CIFAR100DataModule(CifarDataModule):
             preprocessing,
             download,
             seed,
+            device_resident,
         )
         if label_type not in ("fine", "coarse"):
             raise ValueError(f"label_type must be 'fine' or 'coarse', got {label_type!r}")

@@ -20,6 +20,10 @@ Windows are read in order through an :class:`~datamodules.order.EpochOrder` with
 (a ``DistributedSampler`` of one replica: Lightning adds no sampler of its own, which would
 scatter one stream's windows over ranks); its state, the windows already trained on, travels
 in every checkpoint, so a run resumed inside an epoch continues at the next window.
+
+With ``device_resident`` (on by default when training on a GPU) the streams live on the
+training device and each window is a view of them there (:class:`~datamodules.device_batches.
+DeviceBatches` over the same order): no ``DataLoader`` and no copy per batch.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.device_batches import DeviceBatches, check_device_resident, resident_device
 from datamodules.order import EpochOrder, ResumableLoader, rank_and_world_size
 
 EOS = "<eos>"
@@ -141,6 +146,8 @@ class PennTreebankDataModule(LightningDataModule):
             carried through the whole test set).
         eval_bptt: window length in validation and test (default ``bptt``).
         download: fetch missing files in ``prepare_data`` (needs network access).
+        device_resident: keep the token streams on the training device and read the windows
+            there (no ``DataLoader``); ``None`` (default): on when training on a GPU.
     """
 
     def __init__(
@@ -152,6 +159,7 @@ class PennTreebankDataModule(LightningDataModule):
         test_batch_size: int = 1,
         eval_bptt: int | None = None,
         download: bool = True,
+        device_resident: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("bptt", bptt)):
@@ -171,6 +179,7 @@ class PennTreebankDataModule(LightningDataModule):
         self.test_batch_size = test_batch_size
         self.eval_bptt = bptt if eval_bptt is None else eval_bptt
         self.download = download
+        self.device_resident = check_device_resident(device_resident)
         self.vocabulary: list[str] | None = None
         self._words: dict[str, list[str]] = {}
         self._download_error: str | None = None
@@ -263,23 +272,38 @@ class PennTreebankDataModule(LightningDataModule):
         self.vocabulary = vocabulary
 
     # ---------------------------------------------------------------- loaders
-    def windows(self, split: str, batch_size: int, bptt: int) -> BpttWindows:
-        """This rank's windows of ``split``."""
+    def windows(
+        self, split: str, batch_size: int, bptt: int, device: torch.device | None = None
+    ) -> BpttWindows:
+        """This rank's windows of ``split`` (its streams on ``device``, default the CPU)."""
         rank, world_size = rank_and_world_size(self.trainer)
-        return BpttWindows(batchify(self.tokens(split), batch_size, rank, world_size), bptt)
+        streams = batchify(self.tokens(split), batch_size, rank, world_size)
+        return BpttWindows(streams if device is None else streams.to(device), bptt)
 
-    def _loader(self, split: str, batch_size: int, bptt: int) -> DataLoader:
-        windows = self.windows(split, batch_size, bptt)
+    def _loader(self, split: str, batch_size: int, bptt: int) -> DataLoader | DeviceBatches:
+        """The windows in order. Training resumes at its position (``ResumableLoader``);
+        validation and test read every window at every pass (a plain ``DataLoader`` over
+        the same order, so that the sanity check or an earlier validation of the same epoch
+        does not shorten the next one)."""
+        device = resident_device(self.device_resident, self.trainer)
+        windows = self.windows(split, batch_size, bptt, device)
         order = EpochOrder(len(windows), shuffle=False)
+        train = split == "train"
+        if device is not None:
+            return DeviceBatches(
+                lambda _, index: windows[index], order, None, device=device, resumable=train
+            )
+        if not train:
+            return DataLoader(windows, batch_size=None, sampler=order)
         return ResumableLoader(windows, batch_size=None, sampler=order)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("train", self.batch_size, self.bptt)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("valid", self.val_batch_size, self.eval_bptt)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("test", self.test_batch_size, self.eval_bptt)
 
 

@@ -14,7 +14,9 @@ Training samples are random ``patch_size`` x ``patch_size`` crops at the same pl
 is a function of ``(seed, epoch, rank)`` (:class:`~datamodules.order.EpochOrder`, whose
 position travels in checkpoints: a run resumed inside an epoch continues with the next patch);
 evaluation samples are whole images, batch 1. Samples are ``(bicubic, hr)`` pairs of shape
-``(1, H, W)``.
+``(1, H, W)``. With ``device_resident`` (on by default when training on a GPU) the images live
+on the training device and each batch of patches is cut there with one gather
+(:class:`~datamodules.device_batches.DeviceBatches` over the same order): no ``DataLoader``.
 
 Three folders, paths relative to ``data_dir`` unless absolute: ``train_dir`` (patches),
 ``val_dir`` (validation: what checkpoints are chosen on) and ``test_dir`` (the reported
@@ -28,6 +30,7 @@ is an error that says which images to put where.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import urllib.parse
@@ -43,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.device_batches import DeviceBatches, check_device_resident, resident_device
 from datamodules.matlab_image import imresize, modcrop, rgb_to_y
 from datamodules.order import EpochOrder, ResumableLoader, rank_and_world_size
 
@@ -127,8 +131,15 @@ class PatchDataset(Dataset):
     """Random ``patch_size`` x ``patch_size`` crops of ``(bicubic, hr)`` pairs.
 
     ``patches_per_image`` positions per pair are drawn uniformly once, from ``seed``, so the
-    dataset is a fixed, reproducible set of ``len(pairs) * patches_per_image`` patches. Pairs
-    smaller than the patch are left out (with a warning). Items: ``(1, P, P)`` tensors.
+    dataset is a fixed, reproducible set of ``len(pairs) * patches_per_image`` patches
+    (``positions`` ``(M, 3)``: image, top, left). Pairs smaller than the patch are left out
+    (with a warning). Items: ``(1, P, P)`` tensors.
+
+    The images are packed into one buffer ``flat`` ``(2, sum H W)`` (bicubic, hr; image ``k``
+    row-major from ``offsets[k]``, ``widths[k]`` wide; ``pairs`` are views of it), so
+    :meth:`batch` cuts a whole batch of patches with one gather, on whatever device the
+    buffer is (:meth:`to`): the one implementation behind the ``DataLoader`` items and the
+    device-resident batches.
     """
 
     def __init__(
@@ -139,12 +150,12 @@ class PatchDataset(Dataset):
         seed: int,
         names: Sequence[str] | None = None,
     ) -> None:
-        self.pairs = list(pairs)
+        pairs = list(pairs)
         self.patch_size = patch_size
         generator = torch.Generator().manual_seed(seed)
         positions = []
         too_small = []
-        for index, (_, hr) in enumerate(self.pairs):
+        for index, (_, hr) in enumerate(pairs):
             height, width = hr.shape[-2:]
             if height < patch_size or width < patch_size:
                 too_small.append(names[index] if names else str(index))
@@ -164,16 +175,57 @@ class PatchDataset(Dataset):
                 f"no training image is at least patch_size={patch_size} pixels high and wide"
             )
         self.positions = torch.cat(positions)
+        self.heights = torch.tensor([hr.shape[-2] for _, hr in pairs], dtype=torch.int64)
+        self.widths = torch.tensor([hr.shape[-1] for _, hr in pairs], dtype=torch.int64)
+        areas = self.heights * self.widths
+        self.offsets = torch.cumsum(areas, 0) - areas
+        self.flat = torch.stack(
+            [torch.cat([image.reshape(-1) for image in side]) for side in zip(*pairs)]
+        )
+        self.pairs = self._views()
+
+    def _views(self) -> list[tuple[Tensor, Tensor]]:
+        """``(bicubic, hr)`` ``(1, H, W)`` of every image, as views of ``flat``."""
+        views = []
+        sizes = (self.offsets.tolist(), self.heights.tolist(), self.widths.tolist())
+        for offset, height, width in zip(*sizes):
+            image = self.flat[:, offset : offset + height * width].view(2, 1, height, width)
+            views.append((image[0], image[1]))
+        return views
+
+    def to(self, device: torch.device) -> PatchDataset:
+        """The same patches with the image buffer and positions on ``device``."""
+        moved = copy.copy(self)
+        for name in ("flat", "positions", "heights", "widths", "offsets"):
+            setattr(moved, name, getattr(self, name).to(device))
+        moved.pairs = moved._views()
+        return moved
 
     def __len__(self) -> int:
         return len(self.positions)
 
+    def batch(self, items: Tensor) -> tuple[Tensor, Tensor]:
+        """``(bicubic, hr)``, each ``(B, 1, P, P)``, of the patches ``items`` ``(B,)`` (int64).
+
+        Patch ``(k, top, left)`` is ``image_k[top + i, left + j]`` for ``i, j < P``, read
+        from ``flat`` at ``offsets[k] + (top + i) * widths[k] + left + j``.
+        """
+        image, top, left = self.positions[items].unbind(1)
+        width = self.widths[image]
+        steps = torch.arange(self.patch_size, device=self.flat.device)
+        start = self.offsets[image] + top * width + left
+        where = (start[:, None, None] + steps[:, None] * width[:, None, None]) + steps
+        patches = self.flat[:, where].unsqueeze(2)  # (2, B, 1, P, P)
+        return patches[0], patches[1]
+
     def __getitem__(self, item: int) -> tuple[Tensor, Tensor]:
-        index, top, left = (int(v) for v in self.positions[item])
-        size = self.patch_size
-        bicubic, hr = self.pairs[index]
-        window = (..., slice(top, top + size), slice(left, left + size))
-        return bicubic[window], hr[window]
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[int]) -> list[tuple[Tensor, Tensor]]:
+        if any(not -len(self) <= item < len(self) for item in items):
+            raise IndexError(f"patch index out of range [0, {len(self)}): {items}")
+        bicubic, hr = self.batch(torch.tensor(items, dtype=torch.int64) % len(self))
+        return list(zip(bicubic, hr))
 
 
 class ImageDataset(Dataset):
@@ -187,6 +239,10 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, item: int) -> tuple[Tensor, Tensor]:
         return self.pairs[item]
+
+    def to(self, device: torch.device) -> ImageDataset:
+        """The same images on ``device``."""
+        return ImageDataset([(bicubic.to(device), hr.to(device)) for bicubic, hr in self.pairs])
 
 
 class SuperResolutionDataModule(LightningDataModule):
@@ -210,6 +266,8 @@ class SuperResolutionDataModule(LightningDataModule):
         num_workers: DataLoader workers.
         download_urls: optional ``{set name: URL of a .zip/.tar archive of its images}`` used
             by ``prepare_data`` for a known set whose folder is empty.
+        device_resident: keep the images on the training device and cut the patches there
+            (no ``DataLoader`` workers); ``None`` (default): on when training on a GPU.
     """
 
     def __init__(
@@ -226,6 +284,7 @@ class SuperResolutionDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         download_urls: Mapping[str, str] | None = None,
+        device_resident: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -260,6 +319,8 @@ class SuperResolutionDataModule(LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.download_urls = {k.lower(): v for k, v in (download_urls or {}).items()}
+        self.device_resident = check_device_resident(device_resident)
+        self._resident: dict[tuple[str, torch.device], PatchDataset | ImageDataset] = {}
         self.train_set: PatchDataset | None = None
         self.val_set: ImageDataset | None = None
         self.test_set: ImageDataset | None = None
@@ -320,22 +381,50 @@ class SuperResolutionDataModule(LightningDataModule):
             )
         return paths
 
-    def train_dataloader(self) -> DataLoader:
+    def _on_device(self, split: str, dataset: PatchDataset | ImageDataset) -> tuple:
+        """``(device, copy of dataset there)``, or ``(None, dataset)`` for the DataLoader path."""
+        device = resident_device(self.device_resident, self.trainer)
+        if device is None:
+            return None, dataset
+        if (split, device) not in self._resident:
+            self._resident[split, device] = dataset.to(device)
+        return device, self._resident[split, device]
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         """This rank's patches in the order of :class:`EpochOrder` (seeded with ``seed``)."""
         if self.train_set is None:
             self.setup("fit")
         rank, world_size = rank_and_world_size(self.trainer)
+        order = EpochOrder(len(self.train_set), self.seed, rank, world_size)
+        drop_last = len(self.train_set) >= self.batch_size
+        device, patches = self._on_device("train", self.train_set)
+        if device is not None:
+
+            def draw(epoch: int, items: Tensor) -> tuple[Tensor, Tensor]:
+                return patches.batch(items)
+
+            return DeviceBatches(draw, order, self.batch_size, drop_last, device)
         return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
-            sampler=EpochOrder(len(self.train_set), self.seed, rank, world_size),
-            drop_last=len(self.train_set) >= self.batch_size,
+            sampler=order,
+            drop_last=drop_last,
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
-    def _eval_dataloader(self, images: ImageDataset) -> DataLoader:
+    def _eval_dataloader(self, split: str, images: ImageDataset) -> DataLoader | DeviceBatches:
+        device, resident = self._on_device(split, images)
+        if device is not None:  # in order; under DDP every world_size-th image, as Lightning's
+            rank, world_size = rank_and_world_size(self.trainer)  # DistributedSampler
+            order = EpochOrder(len(images), 0, rank, world_size, shuffle=False)
+
+            def draw(epoch: int, item: int) -> tuple[Tensor, Tensor]:
+                bicubic, hr = resident[item]
+                return bicubic[None], hr[None]  # (1, 1, H, W), as a DataLoader of batch 1
+
+            return DeviceBatches(draw, order, None, device=device, resumable=False)
         return DataLoader(
             images,
             batch_size=1,
@@ -345,17 +434,17 @@ class SuperResolutionDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         """The ``val_dir`` images, whole, batch 1."""
         if self.val_set is None:
             self.setup("validate")
-        return self._eval_dataloader(self.val_set)
+        return self._eval_dataloader("val", self.val_set)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         """The ``test_dir`` images, whole, batch 1."""
         if self.test_set is None:
             self.setup("test")
-        return self._eval_dataloader(self.test_set)
+        return self._eval_dataloader("test", self.test_set)
 
 
 def _same_folder(first: Path, second: Path) -> bool:

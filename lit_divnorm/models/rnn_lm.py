@@ -113,6 +113,15 @@ def detach_state(state: Any) -> Any:
     return state
 
 
+def clone_state(state: Any) -> Any:
+    """The state with every tensor copied into memory of its own."""
+    if isinstance(state, Tensor):
+        return state.clone()
+    if isinstance(state, (list, tuple)):
+        return type(state)(clone_state(s) for s in state)
+    return state
+
+
 def state_batch_size(state: Any) -> int | None:
     """The batch size of a (nested) state, or ``None`` for no state."""
     if isinstance(state, Tensor):

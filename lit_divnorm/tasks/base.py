@@ -9,7 +9,12 @@
 * under ``Trainer(sync_batchnorm=True)``, with or without the CLI, the batch fields of the
   model's own norms are synchronized over the ranks too (``setup`` installs
   :class:`~lit_divnorm.distributed.NormSync`; a subclass that overrides ``setup`` calls
-  ``super().setup(stage)``).
+  ``super().setup(stage)``);
+* an opt-in compiled step (``compile``): ``setup`` compiles ``self.model`` in place with
+  ``torch.compile`` (``nn.Module.compile``: the weights' names, checkpoints and the optimizer
+  are those of the eager model), with CUDA graphs (``mode="reduce-overhead"``) on a CUDA
+  device; the norms are custom operators that trace without a graph break, and the sparsity
+  penalty is recorded inside the compiled graph.
 
 Subclasses implement ``_shared_step(batch, stage)`` returning the task loss; the base class
 adds the penalty in training and logs it.
@@ -18,7 +23,7 @@ adds the penalty in training and logs it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO, Any, Literal
 
 import torch
@@ -32,10 +37,53 @@ from lit_divnorm.norm.layers import DivisiveNorm
 from lit_divnorm.norm.sparsity import clear_sparsity, records_sparsity, sparsity_penalty
 
 Stage = Literal["train", "val", "test"]
+CompileSpec = bool | dict[str, Any]
+COMPILE_KEYWORDS: tuple[str, ...] = (
+    "fullgraph",
+    "dynamic",
+    "backend",
+    "mode",
+    "options",
+    "disable",
+)
+CUDA_GRAPH_MODES: tuple[str, ...] = ("reduce-overhead", "max-autotune")
 
 
 def _default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+
+def check_compile(compile: Any) -> CompileSpec:
+    """``compile`` itself when it is a bool or a mapping of ``torch.compile`` keywords
+    (``fullgraph, dynamic, backend, mode, options, disable``), as a dict; else an error."""
+    if isinstance(compile, bool):
+        return compile
+    if not isinstance(compile, Mapping):
+        raise TypeError(
+            f"compile must be a bool or a dict of torch.compile keywords, got {compile!r} "
+            f"({type(compile).__name__})"
+        )
+    unknown = sorted(str(key) for key in compile if key not in COMPILE_KEYWORDS)
+    if unknown:
+        raise ValueError(
+            f"compile has unknown torch.compile keyword(s) {unknown}; allowed: "
+            f"{', '.join(COMPILE_KEYWORDS)}"
+        )
+    return dict(compile)
+
+
+def compile_options(compile: CompileSpec, device: torch.device) -> dict[str, Any] | None:
+    """The ``torch.compile`` keywords of ``compile`` on ``device``, ``None`` for eager.
+
+    ``True``: ``{"mode": "reduce-overhead"}`` (inductor with CUDA graphs) on a CUDA device,
+    ``{}`` (inductor's default) elsewhere; a dict: those keywords as given.
+    """
+    compile = check_compile(compile)
+    if compile is False:
+        return None
+    if compile is True:
+        return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+    return compile
 
 
 class NormalizedTask(LightningModule):
@@ -47,6 +95,13 @@ class NormalizedTask(LightningModule):
         lr_scheduler: builds the LR schedule from the optimizer, or ``None``.
         scheduler_interval: ``"step"`` (default; the paper's boundaries are iterations) or
             ``"epoch"``.
+        compile: run the model compiled (``torch.compile``; from the command line
+            ``--model.compile true``): ``False`` (default) eager; ``True`` inductor, with CUDA
+            graphs (``mode="reduce-overhead"``) on a CUDA device; a dict is passed to
+            ``torch.compile`` as it is (e.g. ``{"backend": "aot_eager"}``,
+            ``{"mode": "max-autotune", "fullgraph": True}``). It changes how the model runs,
+            not what it computes, so it is not a hyper-parameter: checkpoints of compiled and
+            eager runs resume in either.
     """
 
     model: nn.Module
@@ -56,6 +111,7 @@ class NormalizedTask(LightningModule):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
+        compile: CompileSpec = False,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("step", "epoch"):
@@ -65,13 +121,57 @@ class NormalizedTask(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
+        self.compile_spec = check_compile(compile)
+        self.compiled_with: dict[str, Any] | None = None  # the keywords, once compiled
 
     def setup(self, stage: str) -> None:
         """Make ``Trainer(sync_batchnorm=True)`` synchronize the batch statistics of the
         model's ``DivisiveNorm`` layers, not only torch's BatchNorm (see
-        :func:`~lit_divnorm.distributed.use_norm_sync`)."""
+        :func:`~lit_divnorm.distributed.use_norm_sync`), and compile the model when
+        ``compile`` asks for it (for the trainer's device)."""
         if self._trainer is not None:
             use_norm_sync(self._trainer)
+            self.compile_model(self._trainer.strategy.root_device)
+
+    def compile_model(self, device: torch.device) -> None:
+        """Compile ``self.model`` in place (``nn.Module.compile``) with the keywords of
+        ``compile`` for ``device``; a no-op when ``compile`` is false or already done."""
+        options = compile_options(self.compile_spec, device)
+        if options is None or self.compiled_with is not None:
+            return
+        self.model.compile(**options)
+        self.compiled_with = options
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the compiled model replays CUDA graphs on a CUDA device (inductor's mode
+        reduce-overhead or max-autotune, its option ``triton.cudagraphs``, or the backend
+        ``cudagraphs``): its outputs are overwritten by the next replay, so what is kept
+        across steps is cloned and every step is marked."""
+        options = self.compiled_with
+        if options is None or self.device.type != "cuda":
+            return False
+        inductor_options = options.get("options") or {}
+        return (
+            options.get("mode") in CUDA_GRAPH_MODES
+            or options.get("backend") == "cudagraphs"
+            or bool(inductor_options.get("triton.cudagraphs"))
+        )
+
+    def _mark_step(self) -> None:
+        if self.uses_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._mark_step()
+
+    def on_validation_batch_start(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._mark_step()
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._mark_step()
 
     def _shared_step(self, batch: Any, stage: Stage) -> Tensor:
         """Compute and log the task loss of one batch (without the sparsity penalty)."""

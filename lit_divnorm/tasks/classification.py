@@ -127,7 +127,7 @@ class ClassificationTask(NormalizedTask):
         dropout: dropout before the fully connected layer(s).
         depth, block: ResNet depth (32, 110, 164) and block kind (``"basic"``,
             ``"bottleneck"``).
-        optimizer, lr_scheduler, scheduler_interval: see :class:`NormalizedTask`.
+        optimizer, lr_scheduler, scheduler_interval, compile: see :class:`NormalizedTask`.
     """
 
     def __init__(
@@ -142,11 +142,12 @@ class ClassificationTask(NormalizedTask):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
+        compile: bool | dict[str, Any] = False,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, scheduler_interval)
+        super().__init__(optimizer, lr_scheduler, scheduler_interval, compile)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        ignore = ["optimizer", "lr_scheduler"]
+        ignore = ["optimizer", "lr_scheduler", "compile"]
         if isinstance(arch, nn.Module):
             if norm is not None or layer_window is not None or depth is not None:
                 raise ValueError(

@@ -30,7 +30,13 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lit_divnorm.models.rnn import Placement
-from lit_divnorm.models.rnn_lm import CellType, RNNLanguageModel, detach_state, state_batch_size
+from lit_divnorm.models.rnn_lm import (
+    CellType,
+    RNNLanguageModel,
+    clone_state,
+    detach_state,
+    state_batch_size,
+)
 from lit_divnorm.norm.registry import NormSpec
 from lit_divnorm.tasks.base import NormalizedTask, Stage
 
@@ -70,8 +76,9 @@ class LanguageModelTask(NormalizedTask):
             (see :class:`RNNLanguageModel`).
         carry_state: carry the hidden state from one window to the next (default; the paper).
             ``False`` starts every window from zeros (an ablation).
-        optimizer, lr_scheduler, scheduler_interval: see :class:`NormalizedTask`; the paper's
-            schedule is stepped per epoch.
+        optimizer, lr_scheduler, scheduler_interval, compile: see :class:`NormalizedTask`;
+            the paper's schedule is stepped per epoch. Compiled, the LSTM runs its step loop
+            over the norm modules (the fused CPU kernels do not trace).
     """
 
     def __init__(
@@ -88,9 +95,10 @@ class LanguageModelTask(NormalizedTask):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "epoch",
+        compile: bool | dict[str, Any] = False,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, scheduler_interval)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        super().__init__(optimizer, lr_scheduler, scheduler_interval, compile)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "compile"])
         self.model = RNNLanguageModel(
             vocab_size,
             cell=cell,
@@ -173,7 +181,10 @@ class LanguageModelTask(NormalizedTask):
             state = None
         state = move_data_to_device(state, inputs.device)
         logits, state = self.model(inputs, state)
-        self._states[stage] = detach_state(state)
+        state = detach_state(state)
+        if self.uses_cuda_graphs:  # the next replay overwrites the graph's outputs
+            state = clone_state(state)
+        self._states[stage] = state
         nll_sum = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
         )

@@ -112,7 +112,7 @@ class SuperResolutionTask(NormalizedTask):
             (it is still logged as ``train/l1``).
         num_images_to_show: evaluation images (the first ones) drawn side by side as
             bicubic | model | ground truth at each validation/test epoch.
-        optimizer, lr_scheduler, scheduler_interval: see :class:`NormalizedTask` (default
+        optimizer, lr_scheduler, scheduler_interval, compile: see :class:`NormalizedTask` (default
             SGD lr 1e-4, momentum 0.9, as the released code).
     """
 
@@ -125,13 +125,14 @@ class SuperResolutionTask(NormalizedTask):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
+        compile: bool | dict[str, Any] = False,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, scheduler_interval)
+        super().__init__(optimizer, lr_scheduler, scheduler_interval, compile)
         if isinstance(num_images_to_show, bool) or not isinstance(num_images_to_show, int):
             raise TypeError(f"num_images_to_show must be an int, got {num_images_to_show!r}")
         if num_images_to_show < 0:
             raise ValueError(f"num_images_to_show must be >= 0, got {num_images_to_show}")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "compile"])
         self.add_l1_to_loss = add_l1_to_loss
         self.num_images_to_show = num_images_to_show
         self.model = self.build_model(norm=norm, init_std=init_std)
