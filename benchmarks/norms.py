@@ -15,8 +15,8 @@ storage, the input included since every layer keeps it), each next to torch's
 ``BatchNorm2d``, ``GroupNorm(1, C)``, ``LocalResponseNorm(5)`` and a direct DN (channel mean,
 ``avg_pool2d`` box means, subtract, divide), with ratios against ``GroupNorm(1, C)`` and
 against each norm's own torch counterpart (``x peer``: BatchNorm2d for the bn family,
-LocalResponseNorm for lrn, InstanceNorm2d for in, GroupNorm(1, C) for the rest) from the same
-run; then DN with the
+LocalResponseNorm for lrn, InstanceNorm2d for in, RMSNorm for rmsnorm, GroupNorm(1, C) for the
+rest) from the same run; then DN with the
 15x15 window against the 5x5 one, timed together.
 """
 
@@ -73,6 +73,19 @@ class DirectDN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = x - self.box(x.mean(1, keepdim=True))
         return v / torch.sqrt(self.sigma**2 + self.box((v * v).mean(1, keepdim=True)))
+
+
+class ChannelRMSNorm(nn.Module):
+    """torch's RMSNorm over the channels of an ``(N, C, H, W)`` map (``F.rms_norm`` on the
+    channels-last view): rmsnorm's counterpart."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.movedim(1, -1), (x.shape[1],), self.weight, 1e-6)
+        return y.movedim(-1, 1)
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor, context=contextlib.nullcontext) -> int:
@@ -153,19 +166,23 @@ def peers(channels: int, window: int) -> dict[str, Callable[[], nn.Module]]:
         "direct DN (avg_pool2d)": lambda: DirectDN(window),
         "torch LocalResponseNorm(5)": lambda: nn.LocalResponseNorm(5, alpha=5.0, beta=0.5),
         "torch InstanceNorm2d": lambda: nn.InstanceNorm2d(channels, affine=True),
+        "torch RMSNorm (channels)": lambda: ChannelRMSNorm(channels),
     }
 
 
 def counterpart(name: str) -> str:
     """The torch layer a registry norm is held against: BatchNorm2d for the bn family,
-    LocalResponseNorm (same window, exponent 1/2) for lrn, InstanceNorm2d for in,
-    GroupNorm(1, C) for the rest."""
+    LocalResponseNorm (same window, exponent 1/2) for lrn, InstanceNorm2d for in, RMSNorm over
+    the channels for rmsnorm, GroupNorm(1, C) for the rest (frn, gdn, lcn have no torch
+    counterpart)."""
     if name.startswith("bn"):
         return "torch BatchNorm2d"
     if name.startswith("lrn"):
         return "torch LocalResponseNorm(5)"
     if name == "in":
         return "torch InstanceNorm2d"
+    if name == "rmsnorm":
+        return "torch RMSNorm (channels)"
     return "torch GroupNorm(1,C)"
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_divnorm.norm.fields import Field, Window, normalize_window
+from lit_divnorm.norm.fields import PRESETS, Field, Window, normalize_window
 from lit_divnorm.norm.kernels.box import Border, box_mean
 from lit_divnorm.norm.ops import (
     centred_abs_mean,
@@ -502,10 +502,15 @@ def _torch_norm(
     training: bool,
     momentum: float,
 ) -> Tensor | None:
-    """torch's own kernel where the two fields are one of bn/ln/in/gn, else ``None``."""
-    if sum_field is None or sup_field != sum_field:
-        return None
+    """torch's own kernel where the two fields are one of bn/ln/in/gn (or rmsnorm's: no
+    centring, all channels at each position), else ``None``."""
     if isinstance(sigma, Tensor) or isinstance(eps, Tensor):
+        return None
+    if sum_field is None and sup_field == PRESETS["position"] and bias is None:
+        floor = sigma * sigma + eps  # F.rms_norm normalizes the last axis: move C there
+        y = F.rms_norm(x.movedim(1, -1), (x.shape[1],), weight, floor)
+        return y.movedim(-1, 1)
+    if sum_field is None or sup_field != sum_field:
         return None
     if sum_field.positions != "all":
         return None
