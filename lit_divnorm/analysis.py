@@ -245,21 +245,12 @@ def load_task(config: str | Path, checkpoint: str | Path | None, overrides: list
     then compared with the config's model (:func:`check_compatible`: a checkpoint of another
     configuration is refused naming the differences) before its weights are loaded.
     """
-    from lightning.pytorch import LightningDataModule, LightningModule
-
     from lit_divnorm.checkpoint import check_compatible, load_checkpoint_safely
-    from lit_divnorm.cli import DivNormCLI
+    from lit_divnorm.cli import run_cli
 
     state = None if checkpoint is None else load_checkpoint_safely(checkpoint)
 
-    cli = DivNormCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=["--config", str(config), "--trainer.logger=false", *overrides],
-    )
+    cli = run_cli(["--config", str(config), "--trainer.logger=false", *overrides], run=False)
     if state is not None:
         if "state_dict" not in state:
             raise ValueError(f"checkpoint {str(checkpoint)!r} holds no 'state_dict'")

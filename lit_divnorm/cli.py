@@ -345,15 +345,17 @@ def main(args: list[str] | None = None) -> Any:
         return run_cli(args)
 
 
-def run_cli(args: list[str] | None = None) -> DivNormCLI:
+def run_cli(args: list[str] | None = None, run: bool = True) -> DivNormCLI:
     """The LightningCLI run itself, errors propagating as exceptions (for callers such as the
-    sweep that record them)."""
+    sweep that record them); ``run=False`` only builds the trainer, model and datamodule from
+    ``args`` (a config and overrides, no subcommand), for tools that drive them."""
     return DivNormCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        run=run,
         args=args,
     )
 

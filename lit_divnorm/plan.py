@@ -93,9 +93,7 @@ def time_config(
     config: str | Path, overrides: list[str] | tuple = (), steps: int = 3, warmup: int = 2
 ) -> ConfigTiming:
     """Train ``warmup + steps`` steps of ``config`` (with ``overrides``) and time them."""
-    from lightning.pytorch import LightningDataModule
-
-    from lit_divnorm.cli import DivNormCLI
+    from lit_divnorm.cli import run_cli
     from lit_divnorm.sweep import logger_override
 
     timer = StepTimer(steps, warmup)
@@ -111,14 +109,7 @@ def time_config(
         ]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "LightningCLI's args parameter")
-            cli = DivNormCLI(
-                LightningModule,
-                LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                run=False,
-                args=args,
-            )
+            cli = run_cli(args, run=False)
         trainer = cli.trainer
         trainer.callbacks.append(timer)
         trainer.fit(cli.model, datamodule=cli.datamodule)
