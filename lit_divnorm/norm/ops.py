@@ -127,23 +127,24 @@ def _local_config(
 
 
 def _local_forward(
-    x: Tensor, floor: float | Tensor, config: LocalConfig, with_l1: bool, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, stats, l1)`` by the kernel ``backend`` picks for ``x`` (the one dispatch)."""
-    name = resolve_backend(backend, x)
-    xc = x if name == "triton" else x.to(compute_dtype(x.dtype))  # triton loads any dtype
+    x: Tensor, floor: float | Tensor, config: LocalConfig, with_l1: bool, name: str
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(y, stats, l1)`` by the kernel of the resolved backend ``name`` (the one dispatch;
+    ``l1`` is ``None`` unless ``with_l1``)."""
+    if name == "native":  # C++: no autocast inside, float32/float64 in place
+        xc = _as_dtype(x, compute_dtype(x.dtype))
+        y, stats, total = cpu.forward(xc, float(floor), *config, with_l1)
+        l1 = torch.tensor(total / max(x.numel(), 1), dtype=xc.dtype) if with_l1 else None
+        return _as_dtype(y, x.dtype), stats, l1
+    xc = x if name == "triton" else _as_dtype(x, compute_dtype(x.dtype))  # triton loads any
     with full_precision(x.device.type):
-        if name == "native":
-            y, stats, total = cpu.forward(xc, float(floor), *config, with_l1)
-            l1 = torch.tensor(total / max(x.numel(), 1), dtype=xc.dtype)
-        else:
-            kernel = _kernels(name).local_forward
-            if name == "compile":
-                kernel = eager.compiled("local_forward")
-            if isinstance(floor, Tensor):
-                floor = floor.to(compute_dtype(x.dtype))
-            y, stats, l1 = kernel(xc, floor, *config, with_l1)
-    return y.to(x.dtype), stats, l1
+        kernel = _kernels(name).local_forward
+        if name == "compile":
+            kernel = eager.compiled("local_forward")
+        if isinstance(floor, Tensor):
+            floor = floor.to(compute_dtype(x.dtype))
+        y, stats, l1 = kernel(xc, floor, *config, with_l1)
+    return _as_dtype(y, x.dtype), stats, (l1 if with_l1 else None)
 
 
 def _local_backward(
@@ -152,45 +153,49 @@ def _local_backward(
     x: Tensor,
     stats: Tensor,
     config: LocalConfig,
-    backend: str,
+    name: str,
 ) -> tuple[Tensor, Tensor | float]:
-    """``(dL/dx, dL/dfloor)`` from ``dL/dy`` and ``dL/dl1`` (``None``: no L1 term)."""
-    name = resolve_backend(backend, x)
+    """``(dL/dx, dL/dfloor)`` from ``dL/dy`` and ``dL/dl1`` (``None``: no L1 term) by the
+    kernel of the resolved backend ``name``."""
     dtype = stats.dtype
-    xc, gc = (x, grad_y) if name == "triton" else (x.to(dtype), grad_y.to(dtype))
     coef = 0.0 if grad_l1 is None else float(grad_l1) / max(x.numel(), 1)
+    if name == "native":
+        # an L1 term left out of the loss (coef 0): the kernel skips its sign passes
+        gc, xc = _as_dtype(grad_y, dtype), _as_dtype(x, dtype)
+        grad_x, grad_floor = cpu.backward(gc, xc, stats, *config, coef or None)
+        return _as_dtype(grad_x, x.dtype), grad_floor
+    xc, gc = (x, grad_y) if name == "triton" else (x.to(dtype), grad_y.to(dtype))
     with full_precision(x.device.type):
-        if name == "native":
-            # an L1 term left out of the loss (coef 0): the kernel skips its sign passes
-            grad_x, grad_floor = cpu.backward(gc, xc, stats, *config, coef or None)
-        else:
-            kernel = _kernels(name).local_backward
-            if name == "compile":
-                kernel = eager.compiled("local_backward")
-            l1_grad = grad_l1.to(dtype) if coef else None
-            grad_x, grad_floor = kernel(gc, l1_grad, xc, stats, *config)
+        kernel = _kernels(name).local_backward
+        if name == "compile":
+            kernel = eager.compiled("local_backward")
+        l1_grad = grad_l1.to(dtype) if coef else None
+        grad_x, grad_floor = kernel(gc, l1_grad, xc, stats, *config)
     return grad_x.to(x.dtype), grad_floor
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (``t`` itself when it is already: no dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _LocalDivisiveNorm(torch.autograd.Function):
-    """Eager calls of ``lit_divnorm::local_dn``'s kernels and hand-written backward."""
+    """Eager calls of ``lit_divnorm::local_dn``'s kernels and hand-written backward: ``y``, or
+    ``(y, l1)`` with ``with_l1``, for the resolved backend ``name``."""
 
     @staticmethod
-    def forward(ctx, x, floor, config, with_l1, backend):  # type: ignore[override]
-        y, stats, l1 = _local_forward(x, floor, config, with_l1, backend)
+    def forward(ctx, x, floor, config, with_l1, name):  # type: ignore[override]
+        y, stats, l1 = _local_forward(x, floor, config, with_l1, name)
         ctx.save_for_backward(x, stats)
-        ctx.args = (config, with_l1, backend, floor)
-        if not with_l1:
-            ctx.mark_non_differentiable(l1)
-        return y, l1
+        ctx.args = (config, name, floor)
+        return (y, l1) if with_l1 else y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, grad_l1):  # type: ignore[override]
+    def backward(ctx, grad_y, grad_l1=None):  # type: ignore[override]
         x, stats = ctx.saved_tensors
-        config, with_l1, backend, floor = ctx.args
-        grad_l1 = grad_l1 if with_l1 else None
-        grad_x, grad_floor = _local_backward(grad_y, grad_l1, x, stats, config, backend)
+        config, name, floor = ctx.args
+        grad_x, grad_floor = _local_backward(grad_y, grad_l1, x, stats, config, name)
         return grad_x, _floor_grad(ctx, grad_floor, floor), None, None, None
 
 
@@ -215,7 +220,8 @@ def local_dn(
     """``(y, stats, l1)``: ``y`` in ``x``'s dtype, ``stats`` ``(3, N, 1, *P)`` (``q1, m, r``)
     and ``l1 = mean|x - m|`` (``0.`` unless ``with_l1``) in the statistics' dtype."""
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
-    return _local_forward(x, floor, config, with_l1, backend)
+    y, stats, l1 = _local_forward(x, floor, config, with_l1, resolve_backend(backend, x))
+    return y, stats, (x.new_zeros((), dtype=stats.dtype) if l1 is None else l1)
 
 
 @local_dn.register_fake
@@ -241,7 +247,8 @@ def local_dn_backward(
     """``(dL/dx, dL/dfloor)`` of :func:`local_dn` (``dL/dx`` in ``x``'s dtype)."""
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
     grad_l1 = grad_l1 if with_l1 else None
-    grad_x, grad_floor = _local_backward(grad_y, grad_l1, x, stats, config, backend)
+    name = resolve_backend(backend, x)
+    grad_x, grad_floor = _local_backward(grad_y, grad_l1, x, stats, config, name)
     return grad_x, torch.as_tensor(grad_floor, dtype=stats.dtype, device=stats.device)
 
 
@@ -277,7 +284,7 @@ def local_divisive_norm(
     with_l1: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """``(y, mean|x - m|)`` for ``x`` ``(N, C, *P)`` (the second output is ``0.`` unless
+    """``(y, mean|x - m|)`` for ``x`` ``(N, C, *P)`` (the second output is ``None`` unless
     ``with_l1``); ``floor = sigma^2 + eps`` (a tensor when learned). Under ``torch.compile``
     this is the operator ``lit_divnorm::local_dn``; eager calls run the same kernels through
     an ``autograd.Function`` (custom_op's Python dispatch costs about 100 us per
@@ -289,9 +296,12 @@ def local_divisive_norm(
         y, _, l1 = local_dn(
             x, floor, list(sum_windows), list(sup_windows), divisors, border, with_l1, backend
         )
-        return y, l1
+        return y, (l1 if with_l1 else None)
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
-    return _LocalDivisiveNorm.apply(x, floor, config, with_l1, backend)
+    name = resolve_backend(backend, x)
+    if with_l1:
+        return _LocalDivisiveNorm.apply(x, floor, config, True, name)
+    return _LocalDivisiveNorm.apply(x, floor, config, False, name), None
 
 
 # ---- fields over whole groups of units (batch, layer, instance, group) in one C++ kernel ----

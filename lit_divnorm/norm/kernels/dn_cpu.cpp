@@ -26,6 +26,7 @@
 namespace {
 
 constexpr int64_t kTile = 8;  // rows whose running sums advance side by side (box_tile)
+constexpr int64_t kDirectWidth = 7;  // windows up to this width are summed directly (box_direct)
 
 // One axis's window: positions j - before .. j + after; divided by `divisor`, or by the
 // number of positions inside the axis when divisor is 0.
@@ -39,6 +40,12 @@ struct Geometry {
   std::vector<Window> sum, sup;  // A and B, one window per axis
   std::vector<std::vector<double>> sum_scale, sup_scale;
 
+  // Small windows (direct_sum, direct_sup): box means by shifted sums over the whole plane,
+  // with each position's coordinate along each axis (coords) and divisor (the plane scales).
+  bool direct_sum = true, direct_sup = true;
+  std::vector<int32_t> coords;  // (ndim, P)
+  std::vector<double> sum_plane, sup_plane;
+
   Geometry(int64_t ndim, const int64_t* lengths, const int64_t* sum_spec,
            const int64_t* sup_spec)
       : dims(lengths, lengths + ndim) {
@@ -47,8 +54,29 @@ struct Geometry {
       sup.push_back({sup_spec[3 * a], sup_spec[3 * a + 1], sup_spec[3 * a + 2]});
       sum_scale.push_back(scales(dims[a], sum.back()));
       sup_scale.push_back(scales(dims[a], sup.back()));
+      direct_sum = direct_sum && small(sum.back());
+      direct_sup = direct_sup && small(sup.back());
+    }
+    if (!direct_sum && !direct_sup) return;
+    const int64_t p = positions();
+    coords.resize(ndim * p);
+    sum_plane.assign(p, 1.0);
+    sup_plane.assign(p, 1.0);
+    int64_t inner = p;
+    for (int64_t a = 0; a < ndim; ++a) {
+      inner /= dims[a];
+      for (int64_t block = 0, j = 0; block < p; block += inner, j = (j + 1) % dims[a]) {
+        for (int64_t i = block; i < block + inner; ++i) {
+          coords[a * p + i] = static_cast<int32_t>(j);
+          sum_plane[i] *= sum_scale[a][j];
+          sup_plane[i] *= sup_scale[a][j];
+        }
+      }
     }
   }
+
+  // Whether a window is summed directly (a few shifted adds) rather than by running sums.
+  static bool small(const Window& w) { return w.before + w.after + 1 <= kDirectWidth; }
 
   static std::vector<double> scales(int64_t len, const Window& w) {
     std::vector<double> scale(len);
@@ -69,7 +97,7 @@ struct Geometry {
   int64_t prefix_size() const {
     int64_t longest = 1;
     for (int64_t len : dims) longest = std::max(longest, len);
-    return 2 * positions() + kTile * (longest + 1);
+    return 2 * positions() + kTile * (longest + 1);  // (box_direct uses the first P)
   }
 
 };
@@ -129,6 +157,50 @@ void box_tile(const T* in, T* out, int64_t count, int64_t len, const Window& w,
   }
 }
 
+// out = the sums of `in` over the window (lead before, lag after) along the axis of `stride`
+// and length `len` of a plane of p values (zero outside), by one masked shifted add per offset.
+template <typename T>
+void window_sums(const T* in, T* __restrict out, int64_t p, int64_t stride, int64_t len,
+                 const int32_t* __restrict coord, int64_t lead, int64_t lag) {
+  std::copy(in, in + p, out);
+  for (int64_t d = -lead; d <= lag; ++d) {
+    if (d == 0) continue;
+    const int64_t shift = d * stride;
+    const int64_t lo = std::max<int64_t>(0, -shift), hi = std::min(p, p - shift);
+    const T* __restrict src = in + shift;
+    const int32_t dd = static_cast<int32_t>(d), top = static_cast<int32_t>(len);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int32_t k = coord[i] + dd;
+      out[i] += (k >= 0 && k < top) ? src[i] : T(0);
+    }
+  }
+}
+
+// In place: v <- A v (or A^T v with adjoint) for windows of at most kDirectWidth: the window
+// sums along each axis (sides swapped for the adjoint), scaled by the plane's divisors after
+// (before, for the adjoint). `work` holds p values.
+template <typename T>
+void box_direct(T* v, const Geometry& geo, const std::vector<Window>& windows,
+                const std::vector<double>& plane, bool adjoint, T* work) {
+  const int64_t p = geo.positions();
+  if (adjoint)
+    for (int64_t i = 0; i < p; ++i) v[i] = static_cast<T>(v[i] * plane[i]);
+  T* from = v;
+  T* to = work;
+  int64_t stride = p;
+  for (size_t a = 0; a < geo.dims.size(); ++a) {
+    const Window& w = windows[a];
+    stride /= geo.dims[a];
+    if (w.before == 0 && w.after == 0) continue;
+    window_sums(from, to, p, stride, geo.dims[a], geo.coords.data() + a * p,
+                adjoint ? w.after : w.before, adjoint ? w.before : w.after);
+    std::swap(from, to);
+  }
+  if (from != v) std::copy(from, from + p, v);
+  if (!adjoint)
+    for (int64_t i = 0; i < p; ++i) v[i] = static_cast<T>(v[i] * plane[i]);
+}
+
 // In place: v <- A v (or A^T v with adjoint), A the box means of `windows` along every axis.
 // The last axis goes row by row in tiles (box_tile), so that its running sums too vectorize.
 // `prefix` holds geo.prefix_size() doubles.
@@ -136,6 +208,12 @@ template <typename T>
 void box(T* v, const Geometry& geo, const std::vector<Window>& windows,
          const std::vector<std::vector<double>>& scales, bool adjoint, double* prefix) {
   const int64_t p = geo.positions();
+  const bool of_sum = &windows == &geo.sum;
+  if (of_sum ? geo.direct_sum : geo.direct_sup) {
+    box_direct(v, geo, windows, of_sum ? geo.sum_plane : geo.sup_plane, adjoint,
+               reinterpret_cast<T*>(prefix));
+    return;
+  }
   int64_t outer = 1;
   for (size_t a = 0; a < geo.dims.size(); ++a) {
     const int64_t len = geo.dims[a];
@@ -152,39 +230,69 @@ void box(T* v, const Geometry& geo, const std::vector<Window>& windows,
   }
 }
 
-// a[j] = sum_c u[c, j] - su[j] and b[j] = sum_c (u[c, j] - su[j]) (w[c, j] - sw[j]) for the
-// (c, p) rows u, w and the shift rows su, sw, streaming four rows at a time (the accumulator
-// rows stay in cache and are stored once per four rows). Moments about a shift near the data
-// (a row of the sample itself) do not cancel when the mean is large against the spread.
+// The channel moments about channel 0's value at each position of the (c, p) rows x:
+// a[j] = sum_c (x[c, j] - x[0, j]) and b[j] = sum_c (x[c, j] - x[0, j])^2, streaming four rows
+// at a time (the accumulator rows stay in cache and are stored once per four rows). Moments
+// about a shift near the data do not cancel when the mean is large against the spread.
 template <typename T>
-void paired_sums(const T* u, const T* w, const T* su, const T* sw, int64_t c, int64_t p,
-                 T* __restrict a, T* __restrict b) {
+void shifted_moments(const T* x, int64_t c, int64_t p, T* __restrict a, T* __restrict b) {
   std::fill(a, a + p, T(0));
   std::fill(b, b + p, T(0));
-  int64_t ch = 0;
+  const T* __restrict x0 = x;
+  int64_t ch = 1;  // channel 0 adds nothing about itself
   for (; ch + 4 <= c; ch += 4) {
-    const T* __restrict u0 = u + ch * p;
+    const T* __restrict u0 = x + ch * p;
     const T* __restrict u1 = u0 + p;
     const T* __restrict u2 = u1 + p;
     const T* __restrict u3 = u2 + p;
-    const T* __restrict w0 = w + ch * p;
-    const T* __restrict w1 = w0 + p;
-    const T* __restrict w2 = w1 + p;
-    const T* __restrict w3 = w2 + p;
     for (int64_t j = 0; j < p; ++j) {
-      const T s = su[j], t = sw[j];
+      const T s = x0[j];
       const T d0 = u0[j] - s, d1 = u1[j] - s, d2 = u2[j] - s, d3 = u3[j] - s;
       a[j] += (d0 + d1) + (d2 + d3);
-      b[j] += (d0 * (w0[j] - t) + d1 * (w1[j] - t)) + (d2 * (w2[j] - t) + d3 * (w3[j] - t));
+      b[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
     }
   }
   for (; ch < c; ++ch) {
-    const T* __restrict urow = u + ch * p;
-    const T* __restrict wrow = w + ch * p;
+    const T* __restrict row = x + ch * p;
     for (int64_t j = 0; j < p; ++j) {
-      const T d = urow[j] - su[j];
+      const T d = row[j] - x0[j];
       a[j] += d;
-      b[j] += d * (wrow[j] - sw[j]);
+      b[j] += d * d;
+    }
+  }
+}
+
+// The gradient's moments: a[j] = sum_c g[c, j] and b[j] = sum_c g[c, j] (x[c, j] - x[0, j]),
+// about the same shift as shifted_moments, four rows at a time.
+template <typename T>
+void gradient_moments(const T* g, const T* x, int64_t c, int64_t p, T* __restrict a,
+                      T* __restrict b) {
+  std::fill(a, a + p, T(0));
+  std::fill(b, b + p, T(0));
+  const T* __restrict x0 = x;
+  int64_t ch = 0;
+  for (; ch + 4 <= c; ch += 4) {
+    const T* __restrict g0 = g + ch * p;
+    const T* __restrict g1 = g0 + p;
+    const T* __restrict g2 = g1 + p;
+    const T* __restrict g3 = g2 + p;
+    const T* __restrict u0 = x + ch * p;
+    const T* __restrict u1 = u0 + p;
+    const T* __restrict u2 = u1 + p;
+    const T* __restrict u3 = u2 + p;
+    for (int64_t j = 0; j < p; ++j) {
+      const T s = x0[j];
+      a[j] += (g0[j] + g1[j]) + (g2[j] + g3[j]);
+      b[j] += (g0[j] * (u0[j] - s) + g1[j] * (u1[j] - s)) +
+              (g2[j] * (u2[j] - s) + g3[j] * (u3[j] - s));
+    }
+  }
+  for (; ch < c; ++ch) {
+    const T* __restrict grow = g + ch * p;
+    const T* __restrict row = x + ch * p;
+    for (int64_t j = 0; j < p; ++j) {
+      a[j] += grow[j];
+      b[j] += grow[j] * (row[j] - x0[j]);
     }
   }
 }
@@ -224,7 +332,7 @@ double forward(const T* x, T* y, T* q1, T* m, T* r, int64_t n, int64_t c, const 
       T* __restrict b = square;
       T* __restrict ms = m + s * p;
       T* __restrict rs = r + s * p;
-      paired_sums(xs, xs, xs, xs, c, p, a, b);  // moments about channel 0's values
+      shifted_moments(xs, c, p, a, b);
       for (int64_t j = 0; j < p; ++j) {
         const T mean = a[j] * inv;
         b[j] = std::max(b[j] * inv - mean * mean, T(0));  // the variance over channels
@@ -272,8 +380,6 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
 #pragma omp parallel num_threads(threads) reduction(+ : grad_floor)
   {
     T* sums = scratch<T>(0, 3 * p);
-    T* zero = scratch<T>(3, p);
-    std::fill(zero, zero + p, T(0));
     double* prefix = scratch<double>(2, geo.prefix_size());
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < n; ++s) {
@@ -287,7 +393,7 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
       T* __restrict mg = sums;        // mean_c g, then dL/dm, then b
       T* __restrict mgx = mg + p;     // mean_c g x, then dL/de, then k
       T* __restrict msign = mgx + p;  // sum_c sign(x - m)
-      paired_sums(gs, xs, zero, xs, c, p, mg, mgx);  // sum_c g, sum_c g (x - x_0)
+      gradient_moments(gs, xs, c, p, mg, mgx);  // sum_c g, sum_c g (x - x_0)
       for (int64_t ch = 0; with_l1 && ch < c; ++ch) {
         const T* __restrict xrow = xs + ch * p;
         for (int64_t j = 0; j < p; ++j) msign[j] += sign_of(xrow[j] - ms[j]);
