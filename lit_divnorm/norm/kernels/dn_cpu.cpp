@@ -1,5 +1,5 @@
 // Fused divisive normalization over all channels and local positional windows, on the CPU.
-// Built and loaded by lit_divnorm/norm/native.py; the formulas are those of fused.py:
+// Built and loaded by cpu.py; the formulas are those of eager.py (this folder):
 //
 //   q1 = mean_c x, s2 = mean_c (x - q1)^2           (per sample and position)
 //   m  = A(q1),  e = B(s2 + (q1 - m)^2),  r = 1 / sqrt(e + floor)
@@ -9,8 +9,9 @@
 // when the mean is large against the spread); so is mean_c g (x - m) in the backward.
 //
 // x, y, g and the input gradient are contiguous (N, C, P); q1, m and r are (N, P) with
-// P = prod(dims). A and B are box means along each positional axis, by running sums in double
-// (the cost does not grow with the window). Each sample is one task: its statistics pass and
+// P = prod(dims). A and B are box means along each positional axis: windows up to kDirectWidth
+// by masked shifted adds over the plane, wider ones by running sums in double (the cost does
+// not grow with the window). Each sample is one task: its statistics pass and
 // its output pass run back to back, so the second pass reads the sample's C x P values from
 // cache rather than memory. Tasks are spread with OpenMP (the libgomp torch has loaded).
 //
@@ -27,6 +28,7 @@ namespace {
 
 constexpr int64_t kTile = 8;  // rows whose running sums advance side by side (box_tile)
 constexpr int64_t kDirectWidth = 7;  // windows up to this width are summed directly (box_direct)
+constexpr int64_t kSpan = 1024;  // values a T accumulator sums before a double takes over
 
 // One axis's window: positions j - before .. j + after; divided by `divisor`, or by the
 // number of positions inside the axis when divisor is 0.
@@ -593,18 +595,26 @@ double field_forward(const T* x, T* y, T* stats, const T* w, const T* b, int64_t
   for (int64_t gi = 0; gi < total; ++gi) {
     const T shift = centre ? x[groups == 0 ? gi * p : gi * members] : T(0);
     double sum = 0.0, square = 0.0;
-    for_rows(gi, n, c, p, groups, [&](int64_t at, int64_t) {
-      const T* __restrict row = x + at;
-      double rs = 0.0, rq = 0.0;
+    // blocks of at most kSpan values in T, summed in double: a per-sample group is one
+    // contiguous block of `members` values, a batch group one row per sample
+    auto moments = [&](const T* __restrict span, int64_t count) {
+      for (int64_t first = 0; first < count; first += kSpan) {
+        const int64_t last = std::min(count, first + kSpan);
+        T rs = T(0), rq = T(0);
 #pragma omp simd reduction(+ : rs, rq)
-      for (int64_t j = 0; j < p; ++j) {
-        const double d = static_cast<double>(row[j] - shift);
-        rs += d;
-        rq += d * d;
+        for (int64_t j = first; j < last; ++j) {
+          const T d = span[j] - shift;
+          rs += d;
+          rq += d * d;
+        }
+        sum += static_cast<double>(rs);
+        square += static_cast<double>(rq);
       }
-      sum += rs;
-      square += rq;
-    });
+    };
+    if (groups == 0)
+      for_rows(gi, n, c, p, groups, [&](int64_t at, int64_t) { moments(x + at, p); });
+    else
+      moments(x + gi * members, members);
     const double inside = sum / members;
     const double mu = centre ? static_cast<double>(shift) + inside : 0.0;
     const double spread = centre ? std::max(square / members - inside * inside, 0.0)
@@ -619,6 +629,10 @@ double field_forward(const T* x, T* y, T* stats, const T* w, const T* b, int64_t
       const T* __restrict row = x + at;
       T* __restrict out = y + at;
       const T scale_c = (w ? w[ch] : T(1)) * tr, offset = b ? b[ch] : T(0);
+      if (!with_l1) {
+        for (int64_t j = 0; j < p; ++j) out[j] = (row[j] - tm) * scale_c + offset;
+        return;
+      }
       T acc = T(0);
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < p; ++j) {
@@ -657,12 +671,20 @@ double field_backward(const T* g, const T* x, const T* stats, const T* w, T* gra
         const T* __restrict xrow = x + at;
         const T wc = w ? w[ch] : T(1);
         T sg = T(0), sgx = T(0), ss = T(0);
+        if (with_l1) {
 #pragma omp simd reduction(+ : sg, sgx, ss)
-        for (int64_t j = 0; j < p; ++j) {
-          const T v = xrow[j] - tm;
-          sg += grow[j];
-          sgx += grow[j] * v;
-          ss += sign_of(v);
+          for (int64_t j = 0; j < p; ++j) {
+            const T v = xrow[j] - tm;
+            sg += grow[j];
+            sgx += grow[j] * v;
+            ss += sign_of(v);
+          }
+        } else {
+#pragma omp simd reduction(+ : sg, sgx)
+          for (int64_t j = 0; j < p; ++j) {
+            sg += grow[j];
+            sgx += grow[j] * (xrow[j] - tm);
+          }
         }
         sum_gh += static_cast<double>(wc) * sg;
         sum_ghxh += static_cast<double>(wc) * sgx * tr;
@@ -682,11 +704,14 @@ double field_backward(const T* g, const T* x, const T* stats, const T* w, T* gra
         const T* __restrict xrow = x + at;
         T* __restrict out = grad_x + at;
         const T wc = w ? w[ch] : T(1);
+        const T gw = tr * wc, trb = tr * tr * bm, ta = tr * a;
+        if (!with_l1) {
+          for (int64_t j = 0; j < p; ++j) out[j] = gw * grow[j] - ta - (xrow[j] - tm) * trb;
+          return;
+        }
         for (int64_t j = 0; j < p; ++j) {
           const T v = xrow[j] - tm;
-          T d = tr * (wc * grow[j] - a - v * tr * bm);
-          if (with_l1) d += tcoef * (sign_of(v) - sm);
-          out[j] = d;
+          out[j] = gw * grow[j] - ta - v * trb + tcoef * (sign_of(v) - sm);
         }
       });
     }
