@@ -292,7 +292,7 @@ def _full_precision_norm(
     if y is not None:
         pass
     elif fused and _is_channel_local(sum_field) and sup_field is None and x.ndim > 2:
-        y = local_centring(x, sum_field.window_for(x.ndim - 2), border)  # y = x - m = v
+        y = local_centring(x, sum_field.window_for(x.ndim - 2), border, backend)  # v = x - m
         l1 = y.abs().mean() if return_l1 else None
         y = _affine(y, weight, bias)
     elif fused and sum_field is not None and sup_field is None:  # mean subtraction only

@@ -371,26 +371,35 @@ def field_norm(
 
 
 class _LocalCentring(torch.autograd.Function):
-    """:func:`lit_divnorm.norm.kernels.eager.local_centre_forward` with its hand-written
-    backward (autograd's own would make five passes over the gradient)."""
+    """``x - A(mean_c x)`` with its hand-written backward (autograd's own would make five
+    passes over the gradient): the C++ kernel (``native``) or the eager passes."""
 
     @staticmethod
-    def forward(ctx, x, sum_windows, border):  # type: ignore[override]
-        ctx.args = (sum_windows, border)
+    def forward(ctx, x, sum_windows, border, native):  # type: ignore[override]
+        ctx.args = (sum_windows, border, native)
+        if native:
+            return cpu.centre(x, sum_windows, border)
         return eager.local_centre_forward(x, sum_windows, border)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):  # type: ignore[override]
-        return eager.local_centre_backward(grad_y, *ctx.args), None, None
+        sum_windows, border, native = ctx.args
+        if native:
+            return cpu.centre(grad_y, sum_windows, border, adjoint=True), None, None, None
+        return eager.local_centre_backward(grad_y, sum_windows, border), None, None, None
 
 
-def local_centring(x: Tensor, sum_windows: tuple[int, ...], border: str = "valid") -> Tensor:
-    """``x - A(mean_c x)`` for ``x`` ``(N, C, *P)``, any device (traced as plain tensor
-    operations under ``torch.compile``)."""
+def local_centring(
+    x: Tensor, sum_windows: tuple[int, ...], border: str = "valid", backend: str = "auto"
+) -> Tensor:
+    """``x - A(mean_c x)`` for ``x`` ``(N, C, *P)``, any device: the C++ kernel for float32 and
+    float64 CPU tensors under ``backend`` ``"auto"``/``"native"``, else the eager passes
+    (traced as plain tensor operations under ``torch.compile``)."""
     if torch.compiler.is_compiling():
         return eager.local_centre_forward(x, sum_windows, border)
-    return _LocalCentring.apply(x, tuple(sum_windows), border)
+    native = x.dtype in cpu.DTYPES and resolve_backend(backend, x) == "native"
+    return _LocalCentring.apply(x, tuple(sum_windows), border, native)
 
 
 # ---- the L1 term of a centred activation: mean |x - mean| ----

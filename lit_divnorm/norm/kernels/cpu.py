@@ -59,6 +59,7 @@ _SIGNATURES = {
     "dn_forward": (_DBL, [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_backward": (_DBL, [_PTR] * 6 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_box_rows": (None, [_PTR, _PTR, _I64, _I64, _PTR, _INT, _INT]),
+    "dn_centre": (None, [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _INT, _INT]),
     "dn_field_forward": (_DBL, [_PTR] * 5 + [_I64] * 4 + [_INT, _INT, _DBL, _INT, _INT]),
     "dn_field_backward": (_DBL, [_PTR] * 7 + [_I64] * 4 + [_INT, _INT, _DBL, _INT, _INT]),
     "dn_channel_forward": (None, [_PTR, _PTR, _I64, _I64, _I64, _PTR, _DBL, _DBL, _DBL, _INT]),
@@ -316,6 +317,29 @@ def backward(
         torch.get_num_threads(),
     )
     return grad_x.contiguous(memory_format=layout), grad_floor
+
+
+def centre(
+    x: Tensor, sum_windows: tuple[int, ...], border: Border, adjoint: bool = False
+) -> Tensor:
+    """``x - A(mean_c x)`` for ``x`` ``(N, C, *P)`` (local mean subtraction, dnms); with
+    ``adjoint`` its backward, ``g - A^T(mean_c g)`` for ``x = g``."""
+    layout = _memory_format(x)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    ndim, dims, sums, _ = _geometry(tuple(x.shape[2:]), sum_windows, sum_windows, border, None)
+    _function("dn_centre", x)(
+        x.data_ptr(),
+        y.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        ndim,
+        dims,
+        sums,
+        int(adjoint),
+        torch.get_num_threads(),
+    )
+    return y.contiguous(memory_format=layout)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

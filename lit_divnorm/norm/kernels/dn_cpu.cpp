@@ -431,6 +431,37 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
   return grad_floor;
 }
 
+// Local mean subtraction only (dnms): y = x - A(mean_c x); with adjoint the backward,
+// dL/dx = g - A^T(mean_c g). One task per sample, two passes over its (C, P) values.
+template <typename T>
+void centre(const T* x, T* y, int64_t n, int64_t c, const Geometry& geo, bool adjoint,
+            int threads) {
+  const int64_t p = geo.positions();
+  const T inv = T(1) / T(c);
+#pragma omp parallel num_threads(threads)
+  {
+    T* mean = scratch<T>(0, p);
+    double* prefix = scratch<double>(2, geo.prefix_size());
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < n; ++s) {
+      const T* xs = x + s * c * p;
+      T* ys = y + s * c * p;
+      std::copy(xs, xs + p, mean);
+      for (int64_t ch = 1; ch < c; ++ch) {
+        const T* __restrict row = xs + ch * p;
+        for (int64_t j = 0; j < p; ++j) mean[j] += row[j];
+      }
+      for (int64_t j = 0; j < p; ++j) mean[j] *= inv;
+      box(mean, geo, geo.sum, geo.sum_scale, adjoint, prefix);
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const T* __restrict row = xs + ch * p;
+        T* __restrict out = ys + ch * p;
+        for (int64_t j = 0; j < p; ++j) out[j] = row[j] - mean[j];
+      }
+    }
+  }
+}
+
 // out = the box means (their transpose with adjoint) of each row of `in` (rows, len), one
 // window for all rows; out may be in.
 template <typename T>
@@ -941,6 +972,11 @@ void lstm_backward_step(const T* grad_h, const T* grad_out, T* grad_c, const T* 
                                     double coef, int with_l1, int threads) {                   \
     return backward<T>(g, x, q1, m, r, grad_x, n, c, Geometry(ndim, dims, sum, sup), coef,     \
                        with_l1, threads);                                                       \
+  }                                                                                             \
+  extern "C" void dn_centre_##S(const T* x, T* y, int64_t n, int64_t c, int64_t ndim,          \
+                                const int64_t* dims, const int64_t* sum, int adjoint,          \
+                                int threads) {                                                 \
+    centre<T>(x, y, n, c, Geometry(ndim, dims, sum, sum), adjoint != 0, threads);              \
   }                                                                                             \
   /* step t over whole (T, ...) buffers; v advances by v_stride (0: one scratch row block) */  \
   extern "C" void dn_lstm_forward_step_##S(                                                      \
