@@ -188,6 +188,7 @@ class _LocalDivisiveNorm(torch.autograd.Function):
         y, stats, l1 = _local_forward(x, floor, config, with_l1, name)
         ctx.save_for_backward(x, stats)
         ctx.args = (config, name, floor)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return (y, l1) if with_l1 else y
 
     @staticmethod
@@ -195,6 +196,8 @@ class _LocalDivisiveNorm(torch.autograd.Function):
     def backward(ctx, grad_y, grad_l1=None):  # type: ignore[override]
         x, stats = ctx.saved_tensors
         config, name, floor = ctx.args
+        if grad_y is None:  # only the L1 term reached the loss
+            grad_y = torch.zeros_like(x)
         grad_x, grad_floor = _local_backward(grad_y, grad_l1, x, stats, config, name)
         return grad_x, _floor_grad(ctx, grad_floor, floor), None, None, None
 
