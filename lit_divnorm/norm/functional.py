@@ -28,6 +28,7 @@ from torch import Tensor
 from lit_divnorm.norm.fields import PRESETS, Field, Window, normalize_window
 from lit_divnorm.norm.kernels.box import Border, box_mean
 from lit_divnorm.norm.ops import (
+    as_dtype,
     centred_abs_mean,
     channel_divisive_norm,
     check_backend,
@@ -231,12 +232,15 @@ def divisive_norm(
         check_exponent(alpha, power)  # (the layers check theirs when built)
         resolve_backend(backend, x)
     dtype = compute_dtype(x.dtype)
-    sigma, eps = (t.to(dtype) if isinstance(t, Tensor) else t for t in (sigma, eps))
+    if isinstance(sigma, Tensor):
+        sigma = as_dtype(sigma, dtype)
+    if isinstance(eps, Tensor):
+        eps = as_dtype(eps, dtype)
     square_root = alpha == 1.0 and power == 0.5
     with full_precision(x.device.type):
         if fused and square_root and _is_channel_local(sum_field) and _is_channel_local(sup_field):
             y, l1 = _local_norm(x, sum_field, sup_field, sigma, eps, border, return_l1, backend)
-            y = _affine(y, weight, bias).to(x.dtype)
+            y = as_dtype(_affine(y, weight, bias), x.dtype)
             return (y, l1) if return_l1 else y
         if fused and sum_field is None and _is_channel_window(sup_field):
             floor = sigma * sigma + eps
@@ -244,13 +248,14 @@ def divisive_norm(
             y = channel_divisive_norm(
                 x, width, floor, border, alpha=alpha, power=power, backend=backend
             )
-            y = _affine(y, weight, bias).to(x.dtype)
+            y = as_dtype(_affine(y, weight, bias), x.dtype)
             return (y, x.abs().mean(dtype=dtype)) if return_l1 else y
         y, l1 = _full_precision_norm(
-            x.to(dtype), sum_field, sup_field, sigma, eps, border, alpha, power, running_mean,
-            running_var, training, momentum, weight, bias, return_l1, fused, sync_batch, backend,
+            as_dtype(x, dtype), sum_field, sup_field, sigma, eps, border, alpha, power,
+            running_mean, running_var, training, momentum, weight, bias, return_l1, fused,
+            sync_batch, backend,
         )  # fmt: skip
-    y = y.to(x.dtype)
+    y = as_dtype(y, x.dtype)
     return (y, l1) if return_l1 else y
 
 
@@ -277,10 +282,11 @@ def _full_precision_norm(
     """The fields over whole groups of units (the C++ kernel where it applies, torch's own
     kernels), or the equations term by term, on ``x`` in its compute dtype (parameters and
     running statistics are brought to it and written back)."""
-    weight = None if weight is None else weight.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
+    weight = None if weight is None else as_dtype(weight, x.dtype)
+    bias = None if bias is None else as_dtype(bias, x.dtype)
     stats_in = (running_mean, running_var)
-    running_mean, running_var = (None if t is None else t.to(x.dtype) for t in stats_in)
+    running_mean = None if running_mean is None else as_dtype(running_mean, x.dtype)
+    running_var = None if running_var is None else as_dtype(running_var, x.dtype)
     stats = (running_mean, running_var, training, momentum)
     square_root = alpha == 1.0 and power == 0.5
     y = l1 = None

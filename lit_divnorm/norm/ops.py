@@ -132,11 +132,11 @@ def _local_forward(
     """``(y, stats, l1)`` by the kernel of the resolved backend ``name`` (the one dispatch;
     ``l1`` is ``None`` unless ``with_l1``)."""
     if name == "native":  # C++: no autocast inside, float32/float64 in place
-        xc = _as_dtype(x, compute_dtype(x.dtype))
+        xc = as_dtype(x, compute_dtype(x.dtype))
         y, stats, total = cpu.forward(xc, float(floor), *config, with_l1)
         l1 = torch.tensor(total / max(x.numel(), 1), dtype=xc.dtype) if with_l1 else None
-        return _as_dtype(y, x.dtype), stats, l1
-    xc = x if name == "triton" else _as_dtype(x, compute_dtype(x.dtype))  # triton loads any
+        return as_dtype(y, x.dtype), stats, l1
+    xc = x if name == "triton" else as_dtype(x, compute_dtype(x.dtype))  # triton loads any
     with full_precision(x.device.type):
         kernel = _kernels(name).local_forward
         if name == "compile":
@@ -144,7 +144,7 @@ def _local_forward(
         if isinstance(floor, Tensor):
             floor = floor.to(compute_dtype(x.dtype))
         y, stats, l1 = kernel(xc, floor, *config, with_l1)
-    return _as_dtype(y, x.dtype), stats, (l1 if with_l1 else None)
+    return as_dtype(y, x.dtype), stats, (l1 if with_l1 else None)
 
 
 def _local_backward(
@@ -161,9 +161,9 @@ def _local_backward(
     coef = 0.0 if grad_l1 is None else float(grad_l1) / max(x.numel(), 1)
     if name == "native":
         # an L1 term left out of the loss (coef 0): the kernel skips its sign passes
-        gc, xc = _as_dtype(grad_y, dtype), _as_dtype(x, dtype)
+        gc, xc = as_dtype(grad_y, dtype), as_dtype(x, dtype)
         grad_x, grad_floor = cpu.backward(gc, xc, stats, *config, coef or None)
-        return _as_dtype(grad_x, x.dtype), grad_floor
+        return as_dtype(grad_x, x.dtype), grad_floor
     xc, gc = (x, grad_y) if name == "triton" else (x.to(dtype), grad_y.to(dtype))
     with full_precision(x.device.type):
         kernel = _kernels(name).local_backward
@@ -174,7 +174,7 @@ def _local_backward(
     return grad_x.to(x.dtype), grad_floor
 
 
-def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in ``dtype`` (``t`` itself when it is already: no dispatch)."""
     return t if t.dtype == dtype else t.to(dtype)
 
