@@ -133,9 +133,8 @@ def _local_forward(
     ``l1`` is ``None`` unless ``with_l1``)."""
     if name == "native":  # C++: no autocast inside, float32/float64 in place
         xc = as_dtype(x, compute_dtype(x.dtype))
-        y, stats, total = cpu.forward(xc, float(floor), *config, with_l1)
-        l1 = torch.tensor(total / max(x.numel(), 1), dtype=xc.dtype) if with_l1 else None
-        return as_dtype(y, x.dtype), stats, l1
+        y, stats, l1 = cpu.forward(xc, float(floor), *config, with_l1)
+        return as_dtype(y, x.dtype), stats, (l1 if with_l1 else None)
     xc = x if name == "triton" else as_dtype(x, compute_dtype(x.dtype))  # triton loads any
     with full_precision(x.device.type):
         kernel = _kernels(name).local_forward
@@ -289,9 +288,10 @@ def local_divisive_norm(
 ) -> tuple[Tensor, Tensor]:
     """``(y, mean|x - m|)`` for ``x`` ``(N, C, *P)`` (the second output is ``None`` unless
     ``with_l1``); ``floor = sigma^2 + eps`` (a tensor when learned). Under ``torch.compile``
-    this is the operator ``lit_divnorm::local_dn``; eager calls run the same kernels through
-    an ``autograd.Function`` (custom_op's Python dispatch costs about 100 us per
-    forward+backward, half a small layer's time)."""
+    this is the operator ``lit_divnorm::local_dn``. Eager calls run the same kernels without
+    custom_op's Python dispatch (about 100 us per forward+backward, half a small layer's
+    time): on the CPU the C++ operator ``lit_divnorm_cpu::local_dn``, whose autograd is C++
+    as well, elsewhere an ``autograd.Function``."""
     if torch.compiler.is_compiling():
         if not isinstance(floor, Tensor):
             floor = torch.tensor(float(floor), dtype=torch.float64)
@@ -302,6 +302,10 @@ def local_divisive_norm(
         return y, (l1 if with_l1 else None)
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
     name = resolve_backend(backend, x)
+    if name == "native":  # the C++ operator, its autograd in C++ too
+        outputs = cpu.local_dn(as_dtype(x, compute_dtype(x.dtype)), floor, *config, with_l1)
+        y = as_dtype(outputs[0], x.dtype)
+        return y, (outputs[1] if with_l1 else None)
     if with_l1:
         return _LocalDivisiveNorm.apply(x, floor, config, True, name)
     return _LocalDivisiveNorm.apply(x, floor, config, False, name), None
@@ -322,37 +326,6 @@ def field_kernel_applies(x: Tensor, backend: str) -> bool:
     )
 
 
-class _FieldNorm(torch.autograd.Function):
-    """:func:`lit_divnorm.norm.kernels.cpu.field_forward` with its hand-written backward."""
-
-    @staticmethod
-    def forward(ctx, x, floor, weight, bias, groups, centre, scale, with_l1):  # type: ignore[override]
-        y, stats, total = cpu.field_forward(
-            x, groups, centre, scale, float(floor), weight, bias, with_l1
-        )
-        ctx.save_for_backward(x, stats, weight)
-        ctx.args = (groups, centre, scale, with_l1, floor)
-        l1 = x.new_tensor(total / max(x.numel(), 1))
-        if not with_l1:
-            ctx.mark_non_differentiable(l1)
-        ctx.mark_non_differentiable(stats)
-        return y, l1, stats
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, grad_l1, grad_stats):  # type: ignore[override]
-        x, stats, weight = ctx.saved_tensors
-        groups, centre, scale, with_l1, floor = ctx.args
-        coef = float(grad_l1) / max(x.numel(), 1) if with_l1 else 0.0
-        affine = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        grad_x, grad_w, grad_b, grad_floor = cpu.field_backward(
-            grad_y, x, stats, weight, groups, centre, scale, coef or None, affine
-        )
-        grad_w = grad_w if ctx.needs_input_grad[2] else None
-        grad_b = grad_b if ctx.needs_input_grad[3] else None
-        return grad_x, _floor_grad(ctx, grad_floor, floor), grad_w, grad_b, None, None, None, None
-
-
 def field_norm(
     x: Tensor,
     groups: int,
@@ -366,8 +339,9 @@ def field_norm(
     """``(y, mean|x - mu|, stats)`` for a field over whole groups of units of ``x``
     ``(N, C, *P)``: each channel over the batch (``groups=0``) or ``groups`` groups of channels
     per sample (see :func:`lit_divnorm.norm.kernels.cpu.field_forward`; ``stats`` ``(3, G)``
-    holds ``mu, var, r``). Two passes over ``x`` each way, the L1 term inside them."""
-    return _FieldNorm.apply(x, floor, weight, bias, groups, centre, scale, with_l1)
+    holds ``mu, var, r``). Two passes over ``x`` each way, the L1 term inside them; the
+    operator and its autograd are C++."""
+    return cpu.field_norm(x, floor, weight, bias, groups, centre, scale, with_l1)
 
 
 # ---- local mean subtraction only (dnms): y = x - A(mean_c x) ----

@@ -119,13 +119,13 @@ def test_cache_key_covers_the_cpu_description_on_aarch64():
 
 
 def test_two_processes_building_at_once_compile_once_and_both_load(tmp_path):
-    """Two fresh processes, one empty cache: the file lock lets one compile while the other
-    waits, then both load the same library (a compiler wrapper counts the compiles)."""
+    """Two fresh processes, one empty cache: the file lock lets one build while the other
+    waits, then both load the same library (a compiler wrapper counts the links)."""
     log = tmp_path / "compiles.log"
     wrapper = tmp_path / "cxx"
     compiler = cpu._compiler()
     wrapper.write_text(
-        f'#!/bin/sh\ncase "$*" in *-o*) echo x >> {log};; esac\nexec {compiler} "$@"\n'
+        f'#!/bin/sh\ncase "$*" in *-shared*) echo x >> {log};; esac\nexec {compiler} "$@"\n'
     )
     wrapper.chmod(0o755)
     env = {**os.environ, "LIT_DIVNORM_CACHE": str(tmp_path / "cache"), "CXX": str(wrapper),
@@ -237,8 +237,8 @@ def test_whole_group_kernel_against_the_loop_with_l1_affine_and_learned_sigma(
     against its formula, every gradient (x, learned sigma, gamma, beta) against autograd
     through the term-by-term equations, running statistics against the direct path's."""
     calls = []
-    forward = cpu.field_forward
-    monkeypatch.setattr(cpu, "field_forward", lambda *a: calls.append(1) or forward(*a))
+    forward = cpu.field_norm
+    monkeypatch.setattr(cpu, "field_norm", lambda *a: calls.append(1) or forward(*a))
     field, ref = WHOLE_GROUP_FIELDS[name]
     sum_field, sup_field = (field if centre else None), (field if scale else None)
     ref_sum, ref_sup = (ref if centre else None), (ref if scale else None)
@@ -269,3 +269,26 @@ def test_whole_group_kernel_against_the_loop_with_l1_affine_and_learned_sigma(
     np.testing.assert_allclose(results[0][0].detach().numpy(), want_y, rtol=1e-10, atol=1e-10)
     for got, want in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("used", ["y", "l1"])
+def test_one_output_alone_reaches_the_loss(used):
+    """Only ``y`` or only the L1 term in the loss: the other output's gradient never exists,
+    and the input gradient still equals autograd through the term-by-term equations."""
+    x = (torch.randn(2, 5, 6, 6, dtype=torch.float64) + 3).requires_grad_()
+    field = Field(channels="all", positions="window", window=3)
+    got = divisive_norm(x, field, field, sigma=0.5, return_l1=True)
+    want = divisive_norm(x, field, field, sigma=0.5, return_l1=True, fused=False)
+    (got_grad,) = torch.autograd.grad(got[0].sum() if used == "y" else got[1], x)
+    (want_grad,) = torch.autograd.grad(want[0].sum() if used == "y" else want[1], x)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "overrides"), [("dn*", {"window": 3}), ("ln*", {})])
+def test_double_backward_is_refused_by_name(name, overrides):
+    """The C++ backward is not differentiable: create_graph=True through it is an error that
+    names the operator, not a silently wrong second derivative."""
+    norm = build_norm(name, 4, **overrides).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"lit_divnorm_cpu::.*no double backward"):
+        torch.autograd.grad(norm(x).square().sum(), x, create_graph=True)

@@ -6,7 +6,8 @@
   PyTorch, forward and backward (every device; what ``backend="compile"`` compiles);
 - :mod:`.cpu` and ``dn_cpu.cpp``: the same in C++ for CPU tensors (box means of windows up to 7
   by shifted adds, wider ones by running sums), the whole-group fields with their L1 term,
-  and the fused LSTM's steps;
+  and the fused LSTM's steps; ``dn_torch.cpp`` makes local DN and the whole-group fields
+  torch operators with their autograd in C++;
 - :mod:`.triton`: the same in Triton for CUDA tensors (CPU tensors in Triton's interpreter).
 
 The fused LSTM's steps have their eager counterpart in :mod:`lit_divnorm.models.fused_rnn` and

@@ -1,17 +1,23 @@
-"""The CPU kernels in C++ (``dn_cpu.cpp``), built on first use and loaded with ctypes.
+"""The CPU kernels in C++ (``dn_cpu.cpp``), built on first use, with torch operators around
+the norms' kernels (``dn_torch.cpp``).
 
-:func:`forward` and :func:`backward` compute what
+:func:`local_dn` is local DN with its backward as one torch operator whose autograd is C++
+(no Python between the layer's call and the kernels, forward or backward); :func:`forward`
+and :func:`backward` are its two kernels alone, computing what
 :func:`lit_divnorm.norm.kernels.eager.local_forward` and its ``local_backward`` compute, for
 float32/float64 CPU tensors, with two passes over the ``(N, C, *P)`` tensors each way, the
-statistics and box means in between done per sample while its values are still in cache;
-:func:`channel_forward` and :func:`channel_backward` do the same for the channel-window field
-(local response normalization). The same library holds the fused LSTM's time steps.
+statistics and box means in between done per sample while its values are still in cache.
+:func:`field_norm` does the same for fields over whole groups of units (bn, ln, in, gn types).
+:func:`channel_forward` and :func:`channel_backward` (the channel-window field), :func:`centre`
+(local mean subtraction), :func:`box_rows` and the fused LSTM's time steps are called through
+ctypes from the same library.
 
-The library is compiled with the system's C++ compiler (``$CXX``, else ``g++``/``c++``) and
-OpenMP into ``$LIT_DIVNORM_CACHE`` (default ``~/.cache/lit_divnorm``). Its name hashes the
-source, the compiler and its version, the flags and the CPU's identity (what ``-march=native``
-depends on, on every architecture). The build runs under a file lock, so that processes
-starting together (DDP ranks) compile once and all load the result, within
+The library is compiled with the system's C++ compiler (``$CXX``, else ``g++``/``c++``),
+OpenMP and torch's headers into ``$LIT_DIVNORM_CACHE`` (default ``~/.cache/lit_divnorm``): the
+two sources in parallel, then linked against torch's libraries. Its name hashes the
+sources, the compiler and its version, the flags, torch's version and the CPU's identity
+(what ``-march=native`` depends on, on every architecture). The build runs under a file lock,
+so that processes starting together (DDP ranks) compile once and all load the result, within
 ``$LIT_DIVNORM_BUILD_TIMEOUT`` seconds (default 300); it is written under a temporary name and
 renamed, so an interrupted build never leaves a broken library. Without a compiler,
 :func:`available` is ``False`` (with one warning) and the kernels use their PyTorch passes;
@@ -41,27 +47,24 @@ from torch import Tensor
 
 from lit_divnorm.norm.kernels.box import Border
 
-SOURCE = Path(__file__).with_name("dn_cpu.cpp")
+SOURCE = Path(__file__).with_name("dn_cpu.cpp")  # the kernels (plain C++)
+BINDING = Path(__file__).with_name("dn_torch.cpp")  # their torch operators
 FLAGS = (
     "-O3",
     "-march=native",
     "-fno-math-errno",  # lets sqrt vectorize; errno is never read
     "-fno-trapping-math",  # lets the float-to-int conversion of exp_fast vectorize
     "-fopenmp",
-    "-shared",
     "-fPIC",
-    "-std=c++17",
+    "-std=c++20",  # (torch's headers need it)
 )
+BINDING_FLAGS = ("-O1",)  # glue code: no loop to optimize, and half the compile time
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 _I64, _INT, _DBL, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
 _SIGNATURES = {
-    "dn_forward": (_DBL, [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
-    "dn_backward": (_DBL, [_PTR] * 6 + [_I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _INT, _INT]),
     "dn_box_rows": (None, [_PTR, _PTR, _I64, _I64, _PTR, _INT, _INT]),
     "dn_centre": (None, [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _INT, _INT]),
-    "dn_field_forward": (_DBL, [_PTR] * 5 + [_I64] * 4 + [_INT, _INT, _DBL, _INT, _INT]),
-    "dn_field_backward": (_DBL, [_PTR] * 7 + [_I64] * 4 + [_INT, _INT, _DBL, _INT, _INT]),
     "dn_channel_forward": (None, [_PTR, _PTR, _I64, _I64, _I64, _PTR, _DBL, _DBL, _DBL, _INT]),
     "dn_channel_backward": (_DBL, [_PTR] * 3 + [_I64, _I64, _I64, _PTR, _DBL, _DBL, _DBL, _INT]),
     "dn_lstm_forward_step": (
@@ -153,11 +156,45 @@ def _build_lock(directory: Path, timeout: float) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _torch_flags() -> tuple[list[str], list[str]]:
+    """The compile flags (torch's headers, its C++ ABI) and link flags (its libraries, found
+    again at load through the rpath) of the torch operators."""
+    lib = str(Path(torch.__file__).parent / "lib")
+    include = Path(torch.__file__).parent / "include"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    compile_flags = [f"-I{include}", f"-I{include / 'torch/csrc/api/include'}"]
+    compile_flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={abi}")
+    return compile_flags, [f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+
+
 def library_path(compiler: str) -> Path:
-    """Where the library for this source, compiler, flags and CPU lives in the cache."""
-    parts = [SOURCE.read_text(), compiler, _compiler_version(compiler), *FLAGS, _cpu_identity()]
-    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    """Where the library for these sources, compiler, flags, torch and CPU lives in the
+    cache."""
+    parts = [SOURCE.read_text(), BINDING.read_text(), compiler, _compiler_version(compiler)]
+    compile_flags, link_flags = _torch_flags()
+    parts += [*FLAGS, *BINDING_FLAGS, *compile_flags, *link_flags, torch.__version__]
+    key = hashlib.sha256("\0".join([*parts, _cpu_identity()]).encode()).hexdigest()[:16]
     return cache_dir() / f"dn_cpu-{key}.so"
+
+
+def _run(commands: list[list[str]], timeout: float) -> None:
+    """Run ``commands`` side by side; the first failure raises ``CalledProcessError`` (with
+    its output), and a run past ``timeout`` seconds ``TimeoutExpired``."""
+    processes = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in commands
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        for command, process in zip(commands, processes, strict=True):
+            output, _ = process.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            if process.returncode:
+                raise subprocess.CalledProcessError(process.returncode, command, output, output)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()  # (reaps it and closes its pipe)
 
 
 def _build(compiler: str) -> Path:
@@ -169,20 +206,20 @@ def _build(compiler: str) -> Path:
     with _build_lock(target.parent, timeout):
         if target.exists():  # another process built it while this one waited
             return target
-        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".dn_cpu-", suffix=".so")
-        os.close(fd)
-        try:
-            subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", partial],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-            os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        compile_flags, link_flags = _torch_flags()
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dn_cpu-") as work:
+            objects = [str(Path(work) / "kernels.o"), str(Path(work) / "binding.o")]
+            _run(
+                [
+                    [compiler, *FLAGS, "-c", str(SOURCE), "-o", objects[0]],
+                    [compiler, *FLAGS, *BINDING_FLAGS, *compile_flags, "-c", str(BINDING),
+                     "-o", objects[1]],
+                ],
+                timeout,
+            )  # fmt: skip
+            partial = str(Path(work) / "library.so")
+            _run([[compiler, "-shared", "-fopenmp", *objects, *link_flags, "-o", partial]], timeout)
+            os.replace(partial, target)  # complete, or not there at all
     return target
 
 
@@ -195,8 +232,10 @@ def _library() -> ctypes.CDLL | None:
         if compiler is None:
             raise OSError("no C++ compiler found (set $CXX, or install g++)")
         library = ctypes.CDLL(str(_build(compiler)))
+        if not library.dn_register_ops():  # (not at load: registering never throws there)
+            raise OSError("torch refused to register the lit_divnorm_cpu operators")
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
-        detail = getattr(error, "stderr", None) or error
+        detail = str(getattr(error, "stderr", None) or error)[-2000:]  # (a compiler's tail)
         warnings.warn(
             f"lit_divnorm: the C++ DN kernel could not be built ({detail}); using the slower "
             "PyTorch passes",
@@ -222,38 +261,40 @@ def applies(x: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _geometry(
-    dims: tuple[int, ...],
+def window_specs(
     sum_windows: tuple[int, ...],
     sup_windows: tuple[int, ...],
     border: Border,
     sup_divisors: tuple[int, ...] | None,
-) -> tuple[object, ...]:
-    """``ndim, dims, sum, sup`` for the C++ calls (cached): per axis ``(before, after,
-    divisor)``, divisor 0 standing for the count of positions inside (``"valid"``)."""
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The kernels' ``sum_spec, sup_spec``: per axis ``(before, after, divisor)``, divisor 0
+    standing for the count of positions inside (``"valid"``)."""
     divisors = sup_divisors or sup_windows
 
-    def windows(widths: tuple[int, ...], divs: tuple[int, ...]) -> ctypes.Array:
-        values = []
+    def spec(widths: tuple[int, ...], divs: tuple[int, ...]) -> tuple[int, ...]:
+        values: list[int] = []
         for width, divisor in zip(widths, divs, strict=True):
             values += [(width - 1) // 2, width // 2, divisor if border == "reference" else 0]
-        return (_I64 * len(values))(*values)
+        return tuple(values)
 
-    return (
-        len(dims),
-        (_I64 * len(dims))(*dims),
-        windows(sum_windows, sum_windows),
-        windows(sup_windows, divisors),
-    )
+    return spec(sum_windows, sum_windows), spec(sup_windows, divisors)
 
 
-def _function(name: str, x: Tensor) -> Callable[..., float]:
-    return _typed_function(name, x.dtype)
-
-
-@functools.cache
-def _typed_function(name: str, dtype: torch.dtype) -> Callable[..., float]:
-    return getattr(_library(), f"{name}_{DTYPES[dtype]}")
+def local_dn(
+    x: Tensor,
+    floor: float | Tensor,
+    sum_windows: tuple[int, ...],
+    sup_windows: tuple[int, ...],
+    border: Border,
+    sup_divisors: tuple[int, ...] | None,
+    with_l1: bool,
+) -> list[Tensor]:
+    """``[y]``, or ``[y, mean|x - m|]`` with ``with_l1``, for ``x`` ``(N, C, *P)`` float32 or
+    float64: the operator ``lit_divnorm_cpu::local_dn``, whose autograd (the kernels'
+    backward, and ``dL/dfloor`` for a learned ``floor`` tensor) runs in C++."""
+    specs = window_specs(sum_windows, sup_windows, border, sup_divisors)
+    learned, value = (floor, 0.0) if isinstance(floor, Tensor) else (None, floor)
+    return torch.ops.lit_divnorm_cpu.local_dn(x, learned, value, *specs, with_l1)
 
 
 def forward(
@@ -264,27 +305,12 @@ def forward(
     border: Border,
     sup_divisors: tuple[int, ...] | None,
     with_l1: bool,
-) -> tuple[Tensor, Tensor, float]:
-    """``(y, stats, sum|x - m|)`` for ``x`` of shape ``(N, C, *P)`` (the sum is ``0.`` unless
-    ``with_l1``): ``stats`` ``(3, N, 1, *P)`` stacks the ``q1, m, r`` of
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, stats, mean|x - m|)`` for ``x`` of shape ``(N, C, *P)`` (the mean is ``0.``
+    unless ``with_l1``): ``stats`` ``(3, N, 1, *P)`` stacks the ``q1, m, r`` of
     :mod:`lit_divnorm.norm.kernels.eager` (one tensor: one allocation, one saved tensor)."""
-    layout = _memory_format(x)
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    stats = x.new_empty((3, x.shape[0], 1, *x.shape[2:]))
-    geometry = _geometry(tuple(x.shape[2:]), sum_windows, sup_windows, border, sup_divisors)
-    total = _function("dn_forward", x)(
-        x.data_ptr(),
-        y.data_ptr(),
-        *_stat_pointers(stats),
-        x.shape[0],
-        x.shape[1],
-        *geometry,
-        floor,
-        int(with_l1),
-        torch.get_num_threads(),
-    )
-    return y.contiguous(memory_format=layout), stats, total
+    specs = window_specs(sum_windows, sup_windows, border, sup_divisors)
+    return torch.ops.lit_divnorm_cpu.local_dn_forward(x, floor, *specs, with_l1)
 
 
 def backward(
@@ -296,27 +322,32 @@ def backward(
     border: Border,
     sup_divisors: tuple[int, ...] | None,
     l1_coef: float | None,
-) -> tuple[Tensor, float]:
+) -> tuple[Tensor, Tensor]:
     """``(dL/dx, dL/dfloor)`` from ``dL/dy`` and, unless ``l1_coef`` is ``None``, the L1
     term ``l1_coef * sum|x - m|``; ``stats`` is that of :func:`forward`."""
-    layout = _memory_format(x)
-    grad_y, x = grad_y.contiguous(), x.contiguous()
-    grad_x = torch.empty_like(x)
-    geometry = _geometry(tuple(x.shape[2:]), sum_windows, sup_windows, border, sup_divisors)
-    with_l1 = l1_coef is not None
-    grad_floor = _function("dn_backward", x)(
-        grad_y.data_ptr(),
-        x.data_ptr(),
-        *_stat_pointers(stats),
-        grad_x.data_ptr(),
-        x.shape[0],
-        x.shape[1],
-        *geometry,
-        l1_coef if with_l1 else 0.0,
-        int(with_l1),
-        torch.get_num_threads(),
-    )
-    return grad_x.contiguous(memory_format=layout), grad_floor
+    specs = window_specs(sum_windows, sup_windows, border, sup_divisors)
+    coef, with_l1 = (0.0, False) if l1_coef is None else (l1_coef, True)
+    return torch.ops.lit_divnorm_cpu.local_dn_backward(grad_y, x, stats, *specs, coef, with_l1)
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(
+    dims: tuple[int, ...],
+    sum_windows: tuple[int, ...],
+    border: Border,
+) -> tuple[object, ...]:
+    """``ndim, dims, sum`` for the ctypes call of :func:`centre` (cached)."""
+    sum_spec, _ = window_specs(sum_windows, sum_windows, border, None)
+    return len(dims), (_I64 * len(dims))(*dims), (_I64 * len(sum_spec))(*sum_spec)
+
+
+def _function(name: str, x: Tensor) -> Callable[..., float]:
+    return _typed_function(name, x.dtype)
+
+
+@functools.cache
+def _typed_function(name: str, dtype: torch.dtype) -> Callable[..., float]:
+    return getattr(_library(), f"{name}_{DTYPES[dtype]}")
 
 
 def centre(
@@ -327,7 +358,7 @@ def centre(
     layout = _memory_format(x)
     x = x.contiguous()
     y = torch.empty_like(x)
-    ndim, dims, sums, _ = _geometry(tuple(x.shape[2:]), sum_windows, sum_windows, border, None)
+    ndim, dims, sums = _geometry(tuple(x.shape[2:]), sum_windows, border)
     _function("dn_centre", x)(
         x.data_ptr(),
         y.data_ptr(),
@@ -349,87 +380,31 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def field_forward(
+def field_norm(
     x: Tensor,
+    floor: float | Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
     groups: int,
     centre: bool,
     scale: bool,
-    floor: float,
-    weight: Tensor | None,
-    bias: Tensor | None,
     with_l1: bool,
-) -> tuple[Tensor, Tensor, float]:
-    """A field over whole groups of units of ``x`` ``(N, C, *P)``: each channel over the batch
-    (``groups=0``) or ``groups`` groups of channels of each sample (layer: 1, instance: C)::
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A field over whole groups of units of ``x`` ``(N, C, *P)`` float32 or float64: each
+    channel over the batch (``groups=0``) or ``groups`` groups of channels of each sample
+    (layer: 1, instance: C)::
 
         mu = mean_F x (centre, else 0),  var = mean_F (x - mu)^2,
         r = 1 / sqrt(var + floor) (scale, else 1),  y = w (x - mu) r + b
 
-    Returns ``(y, stats, sum|x - mu|)``: ``stats`` ``(3, G)`` stacks ``mu, var, r`` per group
-    (``G = C`` for the batch, else ``N * groups``); the sum is ``0.`` unless ``with_l1``."""
-    layout = _memory_format(x)
-    x = x.contiguous()
-    n, c = x.shape[:2]
-    total = c if groups == 0 else n * groups
-    y = torch.empty_like(x)
-    stats = x.new_empty((3, total))
-    l1 = _function("dn_field_forward", x)(
-        x.data_ptr(),
-        y.data_ptr(),
-        stats.data_ptr(),
-        _pointer(weight),
-        _pointer(bias),
-        n,
-        c,
-        math.prod(x.shape[2:]),
-        groups,
-        int(centre),
-        int(scale),
-        floor,
-        int(with_l1),
-        torch.get_num_threads(),
+    Returns ``(y, mean|x - mu|, stats)``: ``stats`` ``(3, G)`` stacks ``mu, var, r`` per group
+    (``G = C`` for the batch, else ``N * groups``); the mean is ``0.`` unless ``with_l1``. The
+    operator ``lit_divnorm_cpu::field_norm``, its autograd (x, a learned ``floor`` tensor,
+    ``w``, ``b``) in C++."""
+    learned, value = (floor, 0.0) if isinstance(floor, Tensor) else (None, floor)
+    return torch.ops.lit_divnorm_cpu.field_norm(
+        x, learned, value, weight, bias, groups, centre, scale, with_l1
     )
-    return y.contiguous(memory_format=layout), stats, l1
-
-
-def field_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    stats: Tensor,
-    weight: Tensor | None,
-    groups: int,
-    centre: bool,
-    scale: bool,
-    l1_coef: float | None,
-    affine_grads: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, float]:
-    """``(dL/dx, dL/dw, dL/db, dL/dfloor)`` of :func:`field_forward` from ``dL/dy`` and, unless
-    ``l1_coef`` is ``None``, the L1 term ``l1_coef * sum|x - mu|``."""
-    layout = _memory_format(x)
-    grad_y, x = grad_y.contiguous(), x.contiguous()
-    n, c = x.shape[:2]
-    grad_x = torch.empty_like(x)
-    grad_w = x.new_empty(c) if affine_grads else None
-    grad_b = x.new_empty(c) if affine_grads else None
-    grad_floor = _function("dn_field_backward", x)(
-        grad_y.data_ptr(),
-        x.data_ptr(),
-        stats.data_ptr(),
-        _pointer(weight),
-        grad_x.data_ptr(),
-        _pointer(grad_w),
-        _pointer(grad_b),
-        n,
-        c,
-        math.prod(x.shape[2:]),
-        groups,
-        int(centre),
-        int(scale),
-        0.0 if l1_coef is None else l1_coef,
-        int(l1_coef is not None),
-        torch.get_num_threads(),
-    )
-    return grad_x.contiguous(memory_format=layout), grad_w, grad_b, grad_floor
 
 
 def channel_forward(
@@ -482,12 +457,6 @@ def channel_backward(
         torch.get_num_threads(),
     )
     return grad_x.contiguous(memory_format=layout), grad_floor
-
-
-def _stat_pointers(stats: Tensor) -> tuple[int, int, int]:
-    """The addresses of ``q1, m, r`` in the contiguous ``(3, N, 1, *P)`` ``stats``."""
-    base, step = stats.data_ptr(), stats.numel() // 3 * stats.element_size()
-    return base, base + step, base + 2 * step
 
 
 @functools.lru_cache(maxsize=64)
