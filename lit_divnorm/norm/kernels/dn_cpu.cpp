@@ -265,12 +265,19 @@ void shifted_moments(const T* x, int64_t c, int64_t p, T* __restrict a, T* __res
 }
 
 // The gradient's moments: a[j] = sum_c g[c, j] and b[j] = sum_c g[c, j] (x[c, j] - x[0, j]),
-// about the same shift as shifted_moments, four rows at a time.
+// about the same shift as shifted_moments, four rows at a time; WithSign also counts
+// sign[j] = sum_c sign(x[c, j] - m[j]) in the same pass (the L1 term's).
 template <typename T>
-void gradient_moments(const T* g, const T* x, int64_t c, int64_t p, T* __restrict a,
-                      T* __restrict b) {
+inline T sign_of(T v) {
+  return static_cast<T>((v > 0) - (v < 0));
+}
+
+template <typename T, bool WithSign>
+void gradient_moments(const T* g, const T* x, const T* __restrict m, int64_t c, int64_t p,
+                      T* __restrict a, T* __restrict b, T* __restrict sign) {
   std::fill(a, a + p, T(0));
   std::fill(b, b + p, T(0));
+  if (WithSign) std::fill(sign, sign + p, T(0));
   const T* __restrict x0 = x;
   int64_t ch = 0;
   for (; ch + 4 <= c; ch += 4) {
@@ -287,6 +294,11 @@ void gradient_moments(const T* g, const T* x, int64_t c, int64_t p, T* __restric
       a[j] += (g0[j] + g1[j]) + (g2[j] + g3[j]);
       b[j] += (g0[j] * (u0[j] - s) + g1[j] * (u1[j] - s)) +
               (g2[j] * (u2[j] - s) + g3[j] * (u3[j] - s));
+      if (WithSign) {
+        const T mj = m[j];
+        sign[j] += (sign_of(u0[j] - mj) + sign_of(u1[j] - mj)) +
+                   (sign_of(u2[j] - mj) + sign_of(u3[j] - mj));
+      }
     }
   }
   for (; ch < c; ++ch) {
@@ -295,6 +307,7 @@ void gradient_moments(const T* g, const T* x, int64_t c, int64_t p, T* __restric
     for (int64_t j = 0; j < p; ++j) {
       a[j] += grow[j];
       b[j] += grow[j] * (row[j] - x0[j]);
+      if (WithSign) sign[j] += sign_of(row[j] - m[j]);
     }
   }
 }
@@ -307,11 +320,6 @@ T* scratch(int slot, int64_t count) {
   std::vector<T>& buffer = buffers[slot];
   if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
   return buffer.data();
-}
-
-template <typename T>
-inline T sign_of(T v) {
-  return static_cast<T>((v > 0) - (v < 0));
 }
 
 // y = (x - m) r, saving q1, m, r; returns sum |x - m| when with_l1 (else 0).
@@ -369,11 +377,10 @@ double forward(const T* x, T* y, T* q1, T* m, T* r, int64_t n, int64_t c, const 
   return l1;
 }
 
-// The input gradient of y and, when with_l1, of coef * sum |x - m|; returns dL/dfloor.
-template <typename T>
-double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* grad_x,
-                int64_t n, int64_t c, const Geometry& geo, double coef, int with_l1,
-                int threads) {
+// The input gradient of y and, when WithL1, of coef * sum |x - m|; returns dL/dfloor.
+template <typename T, bool WithL1>
+double backward_pass(const T* g, const T* x, const T* q1, const T* m, const T* r, T* grad_x,
+                     int64_t n, int64_t c, const Geometry& geo, double coef, int threads) {
   const int64_t p = geo.positions();
   const T inv = T(1) / T(c);
   const T tc = static_cast<T>(c);
@@ -385,7 +392,6 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
     double* prefix = scratch<double>(2, geo.prefix_size());
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < n; ++s) {
-      std::fill(sums, sums + 3 * p, T(0));
       const T* gs = g + s * c * p;
       const T* xs = x + s * c * p;
       T* gxs = grad_x + s * c * p;
@@ -395,11 +401,7 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
       T* __restrict mg = sums;        // mean_c g, then dL/dm, then b
       T* __restrict mgx = mg + p;     // mean_c g x, then dL/de, then k
       T* __restrict msign = mgx + p;  // sum_c sign(x - m)
-      gradient_moments(gs, xs, c, p, mg, mgx);  // sum_c g, sum_c g (x - x_0)
-      for (int64_t ch = 0; with_l1 && ch < c; ++ch) {
-        const T* __restrict xrow = xs + ch * p;
-        for (int64_t j = 0; j < p; ++j) msign[j] += sign_of(xrow[j] - ms[j]);
-      }
+      gradient_moments<T, WithL1>(gs, xs, ms, c, p, mg, mgx, msign);
       double floor_partial = 0.0;
 #pragma omp simd reduction(+ : floor_partial)
       for (int64_t j = 0; j < p; ++j) {
@@ -413,7 +415,7 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
       for (int64_t j = 0; j < p; ++j) {
         mgx[j] *= T(2) * inv;
         mg[j] = -tc * (rs[j] * mg[j] + mgx[j] * (q[j] - ms[j]));
-        if (with_l1) mg[j] -= tcoef * msign[j];  // = c coef mean_c sign(x - m)
+        if (WithL1) mg[j] -= tcoef * msign[j];  // = c coef mean_c sign(x - m)
       }
       box(mg, geo, geo.sum, geo.sum_scale, true, prefix);
       for (int64_t j = 0; j < p; ++j) mg[j] *= inv;
@@ -421,14 +423,24 @@ double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* 
         const T* __restrict grow = gs + ch * p;
         const T* __restrict xrow = xs + ch * p;
         T* __restrict out = gxs + ch * p;
-        for (int64_t j = 0; j < p; ++j)
-          out[j] = grow[j] * rs[j] + mgx[j] * (xrow[j] - ms[j]) + mg[j];
-        if (with_l1)
-          for (int64_t j = 0; j < p; ++j) out[j] += tcoef * sign_of(xrow[j] - ms[j]);
+        for (int64_t j = 0; j < p; ++j) {
+          const T v = xrow[j] - ms[j];  // (x - m first: no cancellation at a large mean)
+          T value = grow[j] * rs[j] + mgx[j] * v + mg[j];
+          if (WithL1) value += tcoef * sign_of(v);
+          out[j] = value;
+        }
       }
     }
   }
   return grad_floor;
+}
+
+template <typename T>
+double backward(const T* g, const T* x, const T* q1, const T* m, const T* r, T* grad_x,
+                int64_t n, int64_t c, const Geometry& geo, double coef, int with_l1,
+                int threads) {
+  if (with_l1) return backward_pass<T, true>(g, x, q1, m, r, grad_x, n, c, geo, coef, threads);
+  return backward_pass<T, false>(g, x, q1, m, r, grad_x, n, c, geo, coef, threads);
 }
 
 // Local mean subtraction only (dnms): y = x - A(mean_c x); with adjoint the backward,
