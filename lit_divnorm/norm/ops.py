@@ -180,7 +180,8 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 class _LocalDivisiveNorm(torch.autograd.Function):
     """Eager calls of ``lit_divnorm::local_dn``'s kernels and hand-written backward: ``y``, or
-    ``(y, l1)`` with ``with_l1``, for the resolved backend ``name``."""
+    ``(y, l1)`` with ``with_l1``, for the resolved backend ``name`` (``"native"`` calls take
+    the C++ operator :func:`lit_divnorm.norm.kernels.cpu.local_dn` instead)."""
 
     @staticmethod
     def forward(ctx, x, floor, config, with_l1, name):  # type: ignore[override]
