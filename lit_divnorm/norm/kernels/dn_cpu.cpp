@@ -280,25 +280,21 @@ void gradient_moments(const T* g, const T* x, const T* __restrict m, int64_t c, 
   if (WithSign) std::fill(sign, sign + p, T(0));
   const T* __restrict x0 = x;
   int64_t ch = 0;
-  for (; ch + 4 <= c; ch += 4) {
-    const T* __restrict g0 = g + ch * p;
-    const T* __restrict g1 = g0 + p;
-    const T* __restrict g2 = g1 + p;
-    const T* __restrict g3 = g2 + p;
-    const T* __restrict u0 = x + ch * p;
-    const T* __restrict u1 = u0 + p;
-    const T* __restrict u2 = u1 + p;
-    const T* __restrict u3 = u2 + p;
+  for (; ch + 8 <= c; ch += 8) {  // eight rows a pass: the accumulators load once per eight
+    const T* __restrict gr = g + ch * p;
+    const T* __restrict ur = x + ch * p;
     for (int64_t j = 0; j < p; ++j) {
       const T s = x0[j];
-      a[j] += (g0[j] + g1[j]) + (g2[j] + g3[j]);
-      b[j] += (g0[j] * (u0[j] - s) + g1[j] * (u1[j] - s)) +
-              (g2[j] * (u2[j] - s) + g3[j] * (u3[j] - s));
-      if (WithSign) {
-        const T mj = m[j];
-        sign[j] += (sign_of(u0[j] - mj) + sign_of(u1[j] - mj)) +
-                   (sign_of(u2[j] - mj) + sign_of(u3[j] - mj));
+      T ga = T(0), gb = T(0), sg = T(0);
+      for (int64_t i = 0; i < 8; ++i) {
+        const T gi = gr[i * p + j], ui = ur[i * p + j];
+        ga += gi;
+        gb += gi * (ui - s);
+        if (WithSign) sg += sign_of(ui - m[j]);
       }
+      a[j] += ga;
+      b[j] += gb;
+      if (WithSign) sign[j] += sg;
     }
   }
   for (; ch < c; ++ch) {
