@@ -265,7 +265,7 @@ void shifted_moments(const T* x, int64_t c, int64_t p, T* __restrict a, T* __res
 }
 
 // The gradient's moments: a[j] = sum_c g[c, j] and b[j] = sum_c g[c, j] (x[c, j] - x[0, j]),
-// about the same shift as shifted_moments, four rows at a time; WithSign also counts
+// about the same shift as shifted_moments, eight rows at a time; WithSign also counts
 // sign[j] = sum_c sign(x[c, j] - m[j]) in the same pass (the L1 term's).
 template <typename T>
 inline T sign_of(T v) {
