@@ -46,9 +46,13 @@ def test_native_forward_matches_the_loop(shape, sum_window, sup_window, border):
 
 
 @pytest.mark.parametrize("border", ["valid", "reference"])
-@pytest.mark.parametrize(("shape", "window"), [((2, 3, 5, 4), (3, 2)), ((3, 2, 7), (4,))])
+@pytest.mark.parametrize(
+    ("shape", "window"),
+    [((2, 3, 5, 4), (3, 2)), ((3, 2, 7), (4,)), ((2, 13, 4, 3), (3, 3))],
+)
 def test_native_gradcheck_with_l1_and_learned_floor(shape, window, border):
-    """float64 gradients of y and of the L1 term, for the input and the floor (learned sigma)."""
+    """float64 gradients of y and of the L1 term, for the input and the floor (learned sigma);
+    13 channels take the backward's eight-row pass and its single-row tail."""
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     floor = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
 
