@@ -18,6 +18,7 @@ window, and the suppression window divided by the *summation* window's area.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -28,6 +29,7 @@ from torch import Tensor
 from lit_divnorm.norm.fields import PRESETS, Field, Window, normalize_window
 from lit_divnorm.norm.kernels.box import Border, box_mean
 from lit_divnorm.norm.ops import (
+    LocalConfig,
     as_dtype,
     centred_abs_mean,
     channel_divisive_norm,
@@ -240,7 +242,7 @@ def divisive_norm(
     with full_precision(x.device.type):
         if fused and square_root and _is_channel_local(sum_field) and _is_channel_local(sup_field):
             y, l1 = _local_norm(x, sum_field, sup_field, sigma, eps, border, return_l1, backend)
-            y = as_dtype(_affine(y, weight, bias), x.dtype)
+            y = as_dtype(affine(y, weight, bias), x.dtype)
             return (y, l1) if return_l1 else y
         if fused and sum_field is None and _is_channel_window(sup_field):
             floor = sigma * sigma + eps
@@ -248,7 +250,7 @@ def divisive_norm(
             y = channel_divisive_norm(
                 x, width, floor, border, alpha=alpha, power=power, backend=backend
             )
-            y = as_dtype(_affine(y, weight, bias), x.dtype)
+            y = as_dtype(affine(y, weight, bias), x.dtype)
             return (y, x.abs().mean(dtype=dtype)) if return_l1 else y
         y, l1 = _full_precision_norm(
             as_dtype(x, dtype), sum_field, sup_field, sigma, eps, border, alpha, power,
@@ -300,7 +302,7 @@ def _full_precision_norm(
     elif fused and _is_channel_local(sum_field) and sup_field is None and x.ndim > 2:
         y = local_centring(x, sum_field.window_for(x.ndim - 2), border, backend)  # v = x - m
         l1 = y.abs().mean() if return_l1 else None
-        y = _affine(y, weight, bias)
+        y = affine(y, weight, bias)
     elif fused and sum_field is not None and sup_field is None:  # mean subtraction only
         mean = _batch_statistic(
             x, sum_field, border, None, running_mean, training, momentum, None, True, sync_batch
@@ -320,7 +322,7 @@ def _full_precision_norm(
         y, v = _direct_norm(
             x, sum_field, sup_field, sigma, eps, border, *stats, sync_batch, alpha, power
         )
-        y = _affine(y, weight, bias)
+        y = affine(y, weight, bias)
         l1 = v.abs().mean() if return_l1 else None
     for original, used in zip(stats_in, (running_mean, running_var)):
         if original is not None and used is not original:
@@ -333,7 +335,9 @@ def _spans_batch(*fields: Field | None) -> bool:
     return any(field is not None and field.batch for field in fields)
 
 
-def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+def affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``gamma * y + beta`` with per-channel ``(C,)`` ``weight``/``bias`` (either may be
+    ``None``) on ``y`` ``(N, C, *P)``."""
     if weight is None and bias is None:
         return y
     shape = (1, -1) + (1,) * (y.ndim - 2)
@@ -405,7 +409,7 @@ def _whole_group_kernel(
 def _centred_affine(x: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """``gamma (x - mean) + beta`` in one pass over ``x``: ``x gamma + (beta - mean gamma)``."""
     if weight is None:
-        return _affine(x - mean, None, bias)
+        return affine(x - mean, None, bias)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     gamma = weight.view(shape)
     shift = -mean * gamma if bias is None else bias.view(shape) - mean * gamma
@@ -547,6 +551,20 @@ def _is_channel_window(field: Field | None) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def local_config(
+    sum_field: Field | None, sup_field: Field | None, border: Border, ndim: int
+) -> LocalConfig | None:
+    """The local DN operators' geometry ``(sum_windows, sup_windows, border, sup_divisors)``
+    for an ``ndim``-D input ``(N, C, *P)`` when both fields are positional windows over all
+    channels, else ``None`` (cached: a layer asks on every call)."""
+    if not (_is_channel_local(sum_field) and _is_channel_local(sup_field)):
+        return None
+    num = ndim - 2
+    divisors = suppression_divisor(sum_field, sup_field, border, num)
+    return sum_field.window_for(num), sup_field.window_for(num), border, divisors
+
+
 def _local_norm(
     x: Tensor,
     sum_field: Field,
@@ -560,16 +578,10 @@ def _local_norm(
     features = x.ndim == 2
     if features:  # feature vectors: the C features are one row of positions
         x = x.unsqueeze(1)
-    num = x.ndim - 2
+    sum_windows, sup_windows, _, divisors = local_config(sum_field, sup_field, border, x.ndim)
+    floor = sigma * sigma + eps
     y, l1 = local_divisive_norm(
-        x,
-        sum_field.window_for(num),
-        sup_field.window_for(num),
-        sigma * sigma + eps,
-        border,
-        suppression_divisor(sum_field, sup_field, border, num),
-        with_l1,
-        backend,
+        x, sum_windows, sup_windows, floor, border, divisors, with_l1, backend
     )
     return (y.squeeze(1) if features else y), (l1 if with_l1 else None)
 

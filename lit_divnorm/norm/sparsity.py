@@ -43,10 +43,16 @@ def record_sparsity(module: nn.Module, mean_abs: Tensor, weight: float) -> None:
     """Append ``weight * mean_abs`` (a layer's ``mean|v|``) to ``module.sparsity_terms`` when
     training."""
     if weight > 0 and module.training:
-        terms = module.__dict__.get(SPARSITY_TERMS)
-        if terms is None:
-            terms = module.__dict__[SPARSITY_TERMS] = SparsityRecords()
-        terms.append(weight * mean_abs)
+        record_term(module, weight * mean_abs)
+
+
+def record_term(module: nn.Module, term: Tensor) -> None:
+    """Append ``term``, already ``weight * mean|v|`` (as a kernel that folds the weight in
+    returns it), to ``module.sparsity_terms``."""
+    terms = module.__dict__.get(SPARSITY_TERMS)
+    if terms is None:
+        terms = module.__dict__[SPARSITY_TERMS] = SparsityRecords()
+    terms.append(term)
 
 
 def sparsity_penalty(module: nn.Module, clear: bool = True) -> Tensor:

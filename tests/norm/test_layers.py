@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_divnorm.norm import DivisiveNorm, build_norm, list_norms
+from lit_divnorm.norm import layers as layers_module
+from lit_divnorm.norm.kernels import cpu
 from lit_divnorm.norm.other_norms import GeneralizedDivisiveNorm
+from tests.norm.reference import RefField, ref_divisive_norm
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -200,3 +203,55 @@ def test_state_dict_round_trip_keeps_running_stats():
     a(torch.randn(5, 3, 4, 4) + 2)
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(b.running_mean, a.running_mean)
+
+
+def _ref_dn(x: torch.Tensor, sum_window: int, sup_window: int, sigma: float) -> torch.Tensor:
+    fields = [
+        RefField(channels="all", positions="window", window=(w, w))
+        for w in (sum_window, sup_window)
+    ]
+    return torch.from_numpy(ref_divisive_norm(x.numpy(), *fields, sigma=sigma, eps=1e-5))
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    calls = [0]
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.skipif(not cpu.available(), reason="the C++ kernels are not built here")
+def test_dn_layer_calls_the_cpu_operator_directly_and_falls_back_under_autocast(monkeypatch):
+    """float32/float64 CPU maps go from the layer straight to the C++ operator; autocast (and
+    every other case) takes divisive_norm's general path."""
+    general = _counting(monkeypatch, layers_module, "divisive_norm")
+    operator = _counting(monkeypatch, cpu, "local_dn")
+    layer = build_norm("dn", 4, window=3)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(layer(x), _ref_dn(x.double(), 3, 3, 0.5).float(), **TOL)
+    assert (general[0], operator[0]) == (0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert (general[0], operator[0]) == (1, 2)  # divisive_norm, which ends in the operator
+
+
+def test_dn_layer_settings_changed_after_a_forward_take_effect():
+    """A layer keeps its call of the C++ operator between forwards; setting sigma, a field, the
+    backend or the mode afterwards still changes the output (float64 loop reference)."""
+    layer = build_norm("dn", 4, window=3).double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _ref_dn(x, 3, 3, 0.5))
+    layer.fixed_sigma = 0.2
+    torch.testing.assert_close(layer(x), _ref_dn(x, 3, 3, 0.2))
+    layer.sum_field = layer.sum_field.replace(window=(5, 5))
+    torch.testing.assert_close(layer(x), _ref_dn(x, 5, 3, 0.2))
+    layer.backend = "torch"
+    torch.testing.assert_close(layer(x), _ref_dn(x, 5, 3, 0.2))
+    layer.backend = "auto"
+    layer.eval()
+    torch.testing.assert_close(layer(x[:1]), _ref_dn(x[:1], 5, 3, 0.2))

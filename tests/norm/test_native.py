@@ -48,11 +48,13 @@ def test_native_forward_matches_the_loop(shape, sum_window, sup_window, border):
 @pytest.mark.parametrize("border", ["valid", "reference"])
 @pytest.mark.parametrize(
     ("shape", "window"),
-    [((2, 3, 5, 4), (3, 2)), ((3, 2, 7), (4,)), ((2, 13, 4, 3), (3, 3))],
+    [((2, 3, 5, 4), (3, 2)), ((3, 2, 7), (4,)), ((2, 13, 4, 3), (3, 3)), ((1, 6, 2, 160), (3, 5))],
 )
 def test_native_gradcheck_with_l1_and_learned_floor(shape, window, border):
     """float64 gradients of y and of the L1 term, for the input and the floor (learned sigma);
-    13 channels take the backward's eight-row pass and its single-row tail."""
+    13 channels take the backward's eight- and four-row passes and their single-row tails;
+    rows of 320 doubles (longer than the kernels' kShortRow) the output passes' one-row
+    loop."""
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     floor = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
 

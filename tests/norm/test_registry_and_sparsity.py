@@ -144,3 +144,18 @@ def test_sparsity_penalty_is_differentiable():
     norm(x)
     sparsity_penalty(norm).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_dn_star_penalty_gradient_matches_finite_differences():
+    """The layer's l1 weight is folded into the C++ operator's sparsity output; its value and
+    its gradient (through the kernels' sign terms) against float64 finite differences."""
+    norm = build_norm("dn*", 4, window=3, l1=0.7).double()
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        y = norm(x)
+        return y, sparsity_penalty(norm)
+
+    centred = x - torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False).mean(1, True)
+    torch.testing.assert_close(f(x)[1], 0.7 * centred.abs().mean())
+    assert torch.autograd.gradcheck(f, (x,))

@@ -288,13 +288,15 @@ def local_dn(
     border: Border,
     sup_divisors: tuple[int, ...] | None,
     with_l1: bool,
+    l1_weight: float = 1.0,
 ) -> list[Tensor]:
-    """``[y]``, or ``[y, mean|x - m|]`` with ``with_l1``, for ``x`` ``(N, C, *P)`` float32 or
-    float64: the operator ``lit_divnorm_cpu::local_dn``, whose autograd (the kernels'
-    backward, and ``dL/dfloor`` for a learned ``floor`` tensor) runs in C++."""
+    """``[y]``, or ``[y, l1_weight * mean|x - m|]`` with ``with_l1``, for ``x`` ``(N, C, *P)``
+    float32 or float64: the operator ``lit_divnorm_cpu::local_dn``, whose autograd (the
+    kernels' backward, and ``dL/dfloor`` for a learned ``floor`` tensor) runs in C++. A layer
+    passes its ``l1`` as ``l1_weight`` and records the second output as it is."""
     specs = window_specs(sum_windows, sup_windows, border, sup_divisors)
     learned, value = (floor, 0.0) if isinstance(floor, Tensor) else (None, floor)
-    return torch.ops.lit_divnorm_cpu.local_dn(x, learned, value, *specs, with_l1)
+    return torch.ops.lit_divnorm_cpu.local_dn(x, learned, value, *specs, with_l1, l1_weight)
 
 
 def forward(

@@ -29,6 +29,7 @@ namespace {
 constexpr int64_t kTile = 8;  // rows whose running sums advance side by side (box_tile)
 constexpr int64_t kDirectWidth = 7;  // windows up to this width are summed directly (box_direct)
 constexpr int64_t kSpan = 1024;  // values a T accumulator sums before a double takes over
+constexpr int64_t kShortRow = 2048;  // bytes: output rows up to this long go four a pass
 
 // One axis's window: positions j - before .. j + after; divided by `divisor`, or by the
 // number of positions inside the axis when divisor is 0.
@@ -308,6 +309,75 @@ void gradient_moments(const T* g, const T* x, const T* __restrict m, int64_t c, 
   }
 }
 
+// One sample's output rows y[c, j] = (x[c, j] - m[j]) r[j]; returns sum |x - m| WithL1, else 0.
+// Rows of up to kShortRow bytes go four a pass, so that the per-position terms load once per
+// four rows (measured 5-15% faster at 16x16 and 8x8 maps). Longer rows go one at a time: at
+// 32x32 (4 KiB rows, four of them sharing L1 sets) four a pass was 5-10% slower.
+template <typename T, bool WithL1>
+double normalized_rows(const T* __restrict x, const T* __restrict m, const T* __restrict r,
+                       T* __restrict y, int64_t c, int64_t p) {
+  double l1 = 0.0;
+  int64_t ch = 0;
+  for (; p * static_cast<int64_t>(sizeof(T)) <= kShortRow && ch + 4 <= c; ch += 4) {
+    const int64_t row = ch * p;
+    T partial = T(0);
+#pragma omp simd reduction(+ : partial)
+    for (int64_t j = 0; j < p; ++j) {
+      const T mj = m[j], rj = r[j];
+      for (int64_t i = 0; i < 4; ++i) {
+        const T v = x[row + i * p + j] - mj;
+        y[row + i * p + j] = v * rj;
+        if (WithL1) partial += std::fabs(v);
+      }
+    }
+    l1 += static_cast<double>(partial);
+  }
+  for (; ch < c; ++ch) {
+    const int64_t row = ch * p;
+    T partial = T(0);
+#pragma omp simd reduction(+ : partial)
+    for (int64_t j = 0; j < p; ++j) {
+      const T v = x[row + j] - m[j];
+      y[row + j] = v * r[j];
+      if (WithL1) partial += std::fabs(v);
+    }
+    l1 += static_cast<double>(partial);
+  }
+  return l1;
+}
+
+// The input gradient of one sample's (c, p) rows from the per-position terms r, k, b:
+// out[c, j] = g[c, j] r[j] + k[j] (x[c, j] - m[j]) + b[j], plus coef sign(x[c, j] - m[j])
+// WithL1; rows of up to kShortRow bytes four a pass, as in normalized_rows.
+template <typename T, bool WithL1>
+void gradient_rows(const T* __restrict g, const T* __restrict x, const T* __restrict m,
+                   const T* __restrict r, const T* __restrict k, const T* __restrict b,
+                   T* __restrict out, int64_t c, int64_t p, T coef) {
+  int64_t ch = 0;
+  for (; p * static_cast<int64_t>(sizeof(T)) <= kShortRow && ch + 4 <= c; ch += 4) {
+    const int64_t row = ch * p;
+    for (int64_t j = 0; j < p; ++j) {
+      const T mj = m[j], rj = r[j], kj = k[j], bj = b[j];
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t at = row + i * p + j;
+        const T v = x[at] - mj;  // (x - m first: no cancellation at a large mean)
+        T value = g[at] * rj + kj * v + bj;
+        if (WithL1) value += coef * sign_of(v);
+        out[at] = value;
+      }
+    }
+  }
+  for (; ch < c; ++ch) {
+    const int64_t row = ch * p;
+    for (int64_t j = 0; j < p; ++j) {
+      const T v = x[row + j] - m[j];
+      T value = g[row + j] * r[j] + k[j] * v + b[j];
+      if (WithL1) value += coef * sign_of(v);
+      out[row + j] = value;
+    }
+  }
+}
+
 // The calling thread's scratch buffer number `slot` with room for `count` values, kept from
 // call to call (OpenMP reuses its threads) so that no step allocates.
 template <typename T>
@@ -352,22 +422,8 @@ double forward(const T* x, T* y, T* q1, T* m, T* r, int64_t n, int64_t c, const 
       }
       box(b, geo, geo.sup, geo.sup_scale, false, prefix);
       for (int64_t j = 0; j < p; ++j) rs[j] = T(1) / std::sqrt(b[j] + tfloor);
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const T* __restrict row = xs + ch * p;
-        T* __restrict out = ys + ch * p;
-        if (!with_l1) {
-          for (int64_t j = 0; j < p; ++j) out[j] = (row[j] - ms[j]) * rs[j];
-          continue;
-        }
-        T partial = T(0);
-#pragma omp simd reduction(+ : partial)
-        for (int64_t j = 0; j < p; ++j) {
-          const T v = row[j] - ms[j];
-          out[j] = v * rs[j];
-          partial += std::fabs(v);
-        }
-        l1 += static_cast<double>(partial);
-      }
+      l1 += with_l1 ? normalized_rows<T, true>(xs, ms, rs, ys, c, p)
+                    : normalized_rows<T, false>(xs, ms, rs, ys, c, p);
     }
   }
   return l1;
@@ -415,17 +471,7 @@ double backward_pass(const T* g, const T* x, const T* q1, const T* m, const T* r
       }
       box(mg, geo, geo.sum, geo.sum_scale, true, prefix);
       for (int64_t j = 0; j < p; ++j) mg[j] *= inv;
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const T* __restrict grow = gs + ch * p;
-        const T* __restrict xrow = xs + ch * p;
-        T* __restrict out = gxs + ch * p;
-        for (int64_t j = 0; j < p; ++j) {
-          const T v = xrow[j] - ms[j];  // (x - m first: no cancellation at a large mean)
-          T value = grow[j] * rs[j] + mgx[j] * v + mg[j];
-          if (WithL1) value += tcoef * sign_of(v);
-          out[j] = value;
-        }
-      }
+      gradient_rows<T, WithL1>(gs, xs, ms, rs, mgx, mg, gxs, c, p, tcoef);
     }
   }
   return grad_floor;

@@ -1,7 +1,7 @@
 // The C++ kernels of dn_cpu.cpp (this folder) as torch operators with their autograd in C++,
 // so that an eager step on the CPU crosses no Python between the layer and the kernels:
 //
-//   lit_divnorm_cpu::local_dn(x, learned_floor, floor, sum_spec, sup_spec, with_l1)
+//   lit_divnorm_cpu::local_dn(x, learned_floor, floor, sum_spec, sup_spec, with_l1, l1_weight)
 //       -> [y] or [y, l1]           local DN over positional windows, (N, C, *P)
 //   lit_divnorm_cpu::local_dn_forward / local_dn_backward
 //       the two kernels alone (what the lit_divnorm::local_dn custom op calls under compile)
@@ -13,7 +13,9 @@
 // field_backward; these functions only allocate the outputs, call the kernels' C entry points
 // and wire the backward. `floor` is sigma^2 + eps; a learned one comes as the 0-d tensor
 // `learned_floor` too (its value is read from there, and it gets a gradient). The L1 output is
-// mean |x - m| (or |x - mu|), its gradient reaching x through the kernels' sign terms. Built
+// mean |x - m| (or |x - mu|; local_dn's is l1_weight * mean |x - m|, a layer's sparsity term
+// without a multiplication node of its own), its gradient reaching x through the kernels' sign
+// terms. Built
 // into the same library as dn_cpu.cpp; registered by dn_register_ops() (called once from
 // cpu.py) rather than at load, so that loading never throws.
 
@@ -176,16 +178,18 @@ std::tuple<Tensor, Tensor> local_dn_backward(const Tensor& grad_y, const Tensor&
 struct LocalDN : public torch::autograd::Function<LocalDN> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x,
                                const c10::optional<Tensor>& learned_floor, double floor,
-                               at::IntArrayRef sum_spec, at::IntArrayRef sup_spec, bool with_l1) {
+                               at::IntArrayRef sum_spec, at::IntArrayRef sup_spec, bool with_l1,
+                               double l1_weight) {
     auto [y, stats, l1] =
         local_dn_forward(x, floor_value(learned_floor, floor), sum_spec, sup_spec, with_l1);
     ctx->save_for_backward({x, stats});
     ctx->saved_data["sum"] = sum_spec.vec();
     ctx->saved_data["sup"] = sup_spec.vec();
+    ctx->saved_data["l1_weight"] = l1_weight;
     save_floor_dtype(ctx, learned_floor);
     ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined
     if (!with_l1) return {y};
-    return {y, l1};
+    return {y, l1_weight == 1.0 ? l1 : l1.mul_(l1_weight)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -193,22 +197,23 @@ struct LocalDN : public torch::autograd::Function<LocalDN> {
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
     const bool with_l1 = grads.size() > 1 && grads[1].defined();
-    const double coef =
-        with_l1 ? grads[1].item<double>() / static_cast<double>(std::max<int64_t>(x.numel(), 1))
-                : 0.0;
+    const double l1_weight = ctx->saved_data["l1_weight"].toDouble();
+    const double coef = with_l1 ? grads[1].item<double>() * l1_weight /
+                                      static_cast<double>(std::max<int64_t>(x.numel(), 1))
+                                : 0.0;
     const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(x);
     auto [grad_x, grad_floor] =
         local_dn_backward(grad_y, x, saved[1], ctx->saved_data["sum"].toIntVector(),
                           ctx->saved_data["sup"].toIntVector(), coef, with_l1);
     return {grad_x, floor_grad(ctx, grad_floor.item<double>()), Tensor(), Tensor(), Tensor(),
-            Tensor()};
+            Tensor(), Tensor()};
   }
 };
 
 std::vector<Tensor> local_dn(const Tensor& x, const c10::optional<Tensor>& learned_floor,
                              double floor, at::IntArrayRef sum_spec, at::IntArrayRef sup_spec,
-                             bool with_l1) {
-  return LocalDN::apply(x, learned_floor, floor, sum_spec, sup_spec, with_l1);
+                             bool with_l1, double l1_weight) {
+  return LocalDN::apply(x, learned_floor, floor, sum_spec, sup_spec, with_l1, l1_weight);
 }
 
 // ---- fields over whole groups of units ----
@@ -308,7 +313,7 @@ extern "C" int dn_register_ops() {
                                     __FILE__, __LINE__);
     defs->def(
         "local_dn(Tensor x, Tensor? learned_floor, float floor, int[] sum_spec, int[] sup_spec, "
-        "bool with_l1) -> Tensor[]");
+        "bool with_l1, float l1_weight=1.0) -> Tensor[]");
     defs->def(
         "local_dn_forward(Tensor x, float floor, int[] sum_spec, int[] sup_spec, bool with_l1) "
         "-> (Tensor, Tensor, Tensor)");
