@@ -126,10 +126,11 @@ Tensor floor_grad(AutogradContext* ctx, double grad) {
 
 // ---- local DN ----
 
-// (y, stats, mean |x - m|): stats (3, N, 1, *P) stacks q1, m, r.
-std::tuple<Tensor, Tensor, Tensor> local_dn_forward(const Tensor& x_in, double floor,
-                                                    at::IntArrayRef sum_spec,
-                                                    at::IntArrayRef sup_spec, bool with_l1) {
+// (y, stats, l1_weight * mean |x - m|): stats (3, N, 1, *P) stacks q1, m, r.
+std::tuple<Tensor, Tensor, Tensor> weighted_local_dn_forward(const Tensor& x_in, double floor,
+                                                             at::IntArrayRef sum_spec,
+                                                             at::IntArrayRef sup_spec,
+                                                             bool with_l1, double l1_weight) {
   check_input(x_in, "local_dn_forward", 3);
   const at::MemoryFormat layout = layout_of(x_in);
   const Tensor x = x_in.contiguous();
@@ -147,8 +148,15 @@ std::tuple<Tensor, Tensor, Tensor> local_dn_forward(const Tensor& x_in, double f
                        x.size(0), x.size(1), ndim, dims.data(), sum_spec.data(), sup_spec.data(),
                        floor, with_l1 ? 1 : 0, at::get_num_threads());
   });
-  const Tensor l1 = at::scalar_tensor(total / std::max<double>(x.numel(), 1), x.options());
-  return {y.contiguous(layout), stats, l1};
+  const double mean = total / std::max<double>(x.numel(), 1);
+  return {y.contiguous(layout), stats, at::scalar_tensor(l1_weight * mean, x.options())};
+}
+
+// The same with the plain mean |x - m| (the operator local_dn_forward).
+std::tuple<Tensor, Tensor, Tensor> local_dn_forward(const Tensor& x, double floor,
+                                                    at::IntArrayRef sum_spec,
+                                                    at::IntArrayRef sup_spec, bool with_l1) {
+  return weighted_local_dn_forward(x, floor, sum_spec, sup_spec, with_l1, 1.0);
 }
 
 // (dL/dx, dL/dfloor) from dL/dy and, when with_l1, the L1 term coef * sum |x - m|.
@@ -180,8 +188,8 @@ struct LocalDN : public torch::autograd::Function<LocalDN> {
                                const c10::optional<Tensor>& learned_floor, double floor,
                                at::IntArrayRef sum_spec, at::IntArrayRef sup_spec, bool with_l1,
                                double l1_weight) {
-    auto [y, stats, l1] =
-        local_dn_forward(x, floor_value(learned_floor, floor), sum_spec, sup_spec, with_l1);
+    auto [y, stats, l1] = weighted_local_dn_forward(x, floor_value(learned_floor, floor), sum_spec,
+                                                    sup_spec, with_l1, l1_weight);
     ctx->save_for_backward({x, stats});
     ctx->saved_data["sum"] = sum_spec.vec();
     ctx->saved_data["sup"] = sup_spec.vec();
@@ -189,7 +197,7 @@ struct LocalDN : public torch::autograd::Function<LocalDN> {
     save_floor_dtype(ctx, learned_floor);
     ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined
     if (!with_l1) return {y};
-    return {y, l1_weight == 1.0 ? l1 : l1.mul_(l1_weight)};
+    return {y, l1};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
