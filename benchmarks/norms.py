@@ -1,7 +1,8 @@
 """Forward+backward time and training memory of every registry norm against torch's peers.
 
-    python benchmarks/norms.py [--repeats 20] [--device cpu|cuda] [--names dn dn* bn ...]
-                               [--compiled dn dn*] [--precision float32 bf16-autocast]
+    python benchmarks/norms.py [--repeats 20] [--blocks 4] [--device cpu|cuda]
+                               [--names dn dn* bn ...] [--compiled dn dn*]
+                               [--precision float32 bf16-autocast]
 
 On a GPU it adds ImageNet-like shapes (64x64x56x56 window 5, 64x256x14x14 window 3), times
 with CUDA events, reports the peak memory of each step beside the saved bytes, and runs float32
@@ -9,7 +10,8 @@ and bfloat16 autocast by default; every module runs warm-up steps first, so firs
 compiles (Triton's, torch.compile's) are never timed.
 
 For each of the paper's CIFAR shapes it prints the median time of ``forward + backward``
-(timed round-robin across the norms, so load from other processes is shared fairly) and
+(timed round-robin across the norms, so load from other processes is shared fairly, in
+``--blocks`` sets of freshly built modules, so no layout in memory favours one norm) and
 the memory the layer keeps for backward (bytes of the tensors autograd saves, de-duplicated by
 storage, the input included since every layer keeps it), each next to torch's
 ``BatchNorm2d``, ``GroupNorm(1, C)``, ``LocalResponseNorm(5)`` and a direct DN (channel mean,
@@ -46,6 +48,7 @@ SHAPES = [  # (N, C, H, W, window): the paper's three CIFAR layers and a wide wi
 GPU_SHAPES = [(64, 64, 56, 56, 5), (64, 256, 14, 14, 3)]  # ImageNet-like layers
 PRECISIONS = ("float32", "bf16-autocast")
 WARMUP = 3
+BLOCKS = 4  # fresh sets of modules per timing, see time_steps
 
 
 def input_dtype(precision: str) -> torch.dtype:
@@ -119,11 +122,21 @@ def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, context) 
 
 
 def time_steps(
-    modules: dict[str, nn.Module], x: torch.Tensor, repeats: int, context=contextlib.nullcontext
-) -> dict[str, float]:
-    """Median ms of forward+backward per module, timed round-robin (one step of each module
-    per round, in a new random order each round) so that load from other processes, and the
-    state a module leaves in the caches, fall on every module alike. CUDA steps are timed by
+    factories: dict[str, Callable[[], nn.Module]],
+    x: torch.Tensor,
+    repeats: int,
+    context=contextlib.nullcontext,
+    blocks: int = BLOCKS,
+) -> tuple[dict[str, float], dict[str, nn.Module]]:
+    """Median ms of forward+backward per module, and the last set of modules built.
+
+    The ``repeats`` rounds are split into ``blocks``; each block builds every module afresh, in
+    a new random order, and warms it up. Where in memory a module's parameters and buffers land
+    follows the order of creation, and that alone moved dn's and dn*'s times by up to 20%
+    (whichever of the two was built first ran faster); averaging over several layouts cancels
+    that. Within a block the rounds run round-robin (one step of each
+    module per round, in a new random order each round) so that load from other processes, and
+    the state a module leaves in the caches, fall on every module alike. CUDA steps are timed by
     events recorded around them on the stream."""
     grad = torch.randn_like(x)
 
@@ -146,17 +159,26 @@ def time_steps(
         clear_sparsity(module)
         return time.perf_counter() - begin
 
-    for module in modules.values():
-        for _ in range(WARMUP):  # first-call compiles and allocations happen here
-            step(module)
-    times: dict[str, list[float]] = {name: [] for name in modules}
-    order = list(modules)
+    times: dict[str, list[float]] = {name: [] for name in factories}
+    order = list(factories)
     shuffle = random.Random(0).shuffle
-    for _ in range(repeats):
-        shuffle(order)  # no module always runs right after the same neighbour
+    modules: dict[str, nn.Module] = {}
+    blocks = max(1, min(blocks, repeats))
+    for block in range(blocks):
+        modules.clear()  # the previous set is freed before the next one is laid out
+        shuffle(order)
         for name in order:
-            times[name].append(step(modules[name]))
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            modules[name] = factories[name]().to(x.device)
+        for name in order:
+            for _ in range(WARMUP):  # first-call compiles and allocations happen here
+                step(modules[name])
+        rounds = repeats // blocks + (block < repeats % blocks)
+        for _ in range(rounds):
+            shuffle(order)  # no module always runs right after the same neighbour
+            for name in order:
+                times[name].append(step(modules[name]))
+    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return medians, {name: modules[name] for name in factories}
 
 
 def peers(channels: int, window: int) -> dict[str, Callable[[], nn.Module]]:
@@ -189,6 +211,12 @@ def counterpart(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=BLOCKS,
+        help="fresh sets of modules the repeats are split over",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--names", nargs="*", default=[n for n in list_norms() if n != "gn"])
     parser.add_argument(
@@ -217,7 +245,8 @@ def main() -> None:
     for precision in precisions:
         for shape in shapes:
             run_shape(shape, precision, args, device)
-        window_cost([n for n in ("dn", "dn*") if n in args.names], args.repeats, device, precision)
+        names = [n for n in ("dn", "dn*") if n in args.names]
+        window_cost(names, args.repeats, device, precision, args.blocks)
 
 
 def run_shape(
@@ -234,8 +263,7 @@ def run_shape(
         factories[f"{name} (compiled)"] = functools.partial(
             build_norm, name, c, layer_window=window, backend="compile"
         )
-    modules = {name: make().to(device) for name, make in factories.items()}
-    times = time_steps(modules, x, args.repeats, context)
+    times, modules = time_steps(factories, x, args.repeats, context, args.blocks)
     grad = torch.randn_like(x)
     rows = {
         name: (times[name], saved_bytes(module, x, context), peak_bytes(module, x, grad, context))
@@ -258,7 +286,11 @@ def run_shape(
 
 
 def window_cost(
-    names: list[str], repeats: int, device: torch.device, precision: str = "float32"
+    names: list[str],
+    repeats: int,
+    device: torch.device,
+    precision: str = "float32",
+    blocks: int = BLOCKS,
 ) -> None:
     """The 15x15 window against the 5x5 one, timed in the same round-robin (the shapes above
     run one after the other, so a drift of the machine's speed would show as a window cost)."""
@@ -266,12 +298,13 @@ def window_cost(
         return
     n, c, h, w = SHAPES[0][:4]
     x = torch.randn(n, c, h, w, device=device, dtype=input_dtype(precision), requires_grad=True)
-    modules = {
-        f"{name} {window}": build_norm(name, c, layer_window=window).to(device)
+    factories = {
+        f"{name} {window}": functools.partial(build_norm, name, c, layer_window=window)
         for name in names
         for window in (5, 15)
     }
-    times = time_steps(modules, x, repeats, functools.partial(precision_context, precision, device))
+    context = functools.partial(precision_context, precision, device)
+    times, _ = time_steps(factories, x, repeats, context, blocks)
     print(f"\n{precision}, window 15x15 against 5x5 at {n}x{c}x{h}x{w}, timed together")
     print(f"{'norm':<24}{'ms 5x5':>8}{'ms 15x15':>10}{'ratio':>7}")
     for name in names:
