@@ -252,7 +252,9 @@ class Cell:
 
     @property
     def difference(self) -> float | None:
-        if self.mean is None or self.paper is None:
+        """ours - paper; ``None`` for a partial cell (a run stopped before its schedule's end
+        is not the paper's experiment) and without runs."""
+        if self.mean is None or self.paper is None or self.partial:
             return None
         return self.mean - self.paper
 
@@ -284,6 +286,7 @@ def fill_cell(cell: Cell, results: list[Result], metric: str) -> Cell:
     cell.results = results
     finished = [r for r in results if r.record is not None and r.value(metric) is not None]
     chosen = [r for r in finished if r.complete] or finished
+    chosen = _one_identity(cell, chosen)
     by_seed: dict[int | None, Result] = {}
     for result in chosen:
         best = by_seed.get(result.seed)
@@ -296,8 +299,6 @@ def fill_cell(cell: Cell, results: list[Result], metric: str) -> Cell:
             "partial: "
             + ", ".join(f"{s} of {t if t is not None else '?'} steps" for s, t in cell.partial)
         )
-    if len({r.record["config_sha256"] for r in by_seed.values()}) > 1:
-        cell.notes.append(f"{len({r.record['config_sha256'] for r in by_seed.values()})} configs")
     other = [r for r in results if r.record is None and r.seed not in by_seed]
     for status in ("failed", "untested", "unfinished"):
         runs = [r for r in other if r.status == status]
@@ -310,16 +311,46 @@ def fill_cell(cell: Cell, results: list[Result], metric: str) -> Cell:
     return cell
 
 
+def _one_identity(cell: Cell, results: list[Result]) -> list[Result]:
+    """The runs of the one experiment identity (``config_sha256``: resolved config, schedule,
+    global batch) with the most seeds among ``results``; the others are never averaged in,
+    and a note on ``cell`` says how many there are and how they differ."""
+    groups: dict[str, list[Result]] = {}
+    for result in results:
+        groups.setdefault(result.record["config_sha256"], []).append(result)
+    if len(groups) < 2:
+        return results
+    ranked = sorted(
+        groups.values(), key=lambda g: (len({r.seed for r in g}), max(r.steps for r in g))
+    )
+    kept = ranked[-1]
+    for other in ranked[:-1]:
+        why = _setting(other[0], kept[0])
+        cell.notes.append(f"{len(other)} run(s) of another setting not averaged in ({why})")
+    return kept
+
+
+def _setting(result: Result, kept: Result) -> str:
+    """How ``result``'s experiment differs from ``kept``'s: the global batch or schedule
+    when those differ, else its identity."""
+    batch = (result.record.get("batch") or {}).get("global")
+    kept_batch = (kept.record.get("batch") or {}).get("global")
+    if batch != kept_batch:
+        return f"global batch {batch} against {kept_batch}"
+    if result.schedule_steps != kept.schedule_steps:
+        return f"schedule {result.schedule_steps} steps against {kept.schedule_steps}"
+    return f"config {result.record['config_sha256'][:12]}"
+
+
 def _seed_key(item: tuple[int | None, Any]) -> tuple[int, int]:
     return (0, item[0]) if item[0] is not None else (1, 0)
 
 
-def build_table(key: str, results: list[Result]) -> Table | None:
-    """Fill the paper's table ``key`` with ``results``; ``None`` if no run belongs to it."""
+def build_table(key: str, results: list[Result]) -> Table:
+    """Fill the paper's table ``key`` with ``results`` (a table without runs has empty
+    cells: the report still shows it, with "No runs yet")."""
     spec = PAPER_TABLES[key]
     mine = [r for r in results if _belongs(r.area, spec["areas"])]
-    if not mine:
-        return None
     rows, columns = dict(spec["rows"]), dict(spec["columns"])
     by_cell: dict[tuple[str, str], list[Result]] = {}
     for result in mine:
@@ -418,10 +449,21 @@ def _where(result: Result, base: Path) -> str:
     return f"run folder `{result.log_dir}`"
 
 
-def _flags(record: dict[str, Any]) -> str:
-    """The command-line flags a run had beyond its config (``—`` for none), for a table."""
-    flags = [flag for flag in record.get("overrides") or [] if not flag.startswith("--seed_")]
-    return " ".join(f"`{flag.replace('|', '/')}`" for flag in flags) or "—"
+def _command(record: dict[str, Any]) -> str:
+    """The record's re-runnable command (machine paths as ``$CIFAR10_DIR``-style variables),
+    for a table cell; ``—`` for none."""
+    command = record.get("command")
+    return f"`{command.replace('|', '/')}`" if command else "—"
+
+
+def _commits(record: dict[str, Any]) -> str:
+    """The commit of a run, or of each part of a run made in parts (``a + b (2 parts)``)."""
+    parts = (record.get("source") or {}).get("parts") or []
+    if len(parts) > 1:
+        shown = " + ".join(str(part["git_commit"] or "?")[:10] for part in parts)
+        return f"{shown} ({len(parts)} parts)"
+    commit = (record.get("git_commit") or "")[:10]
+    return (commit + (" (dirty)" if record.get("git_dirty") else "")) or "—"
 
 
 def runs_markdown(results: list[Result], base: Path) -> str:
@@ -433,10 +475,10 @@ def runs_markdown(results: list[Result], base: Path) -> str:
         "## Runs",
         "",
         "Every run behind the tables: its final test metric, the steps it ran of its config's "
-        "schedule, where it ran, from which code, with which flags beyond its config, and its "
-        "record.",
+        "schedule, where it ran, from which code, the command that re-runs it (set the "
+        "`$..._DIR` variables to your data folders), and its record.",
         "",
-        "| Experiment | Seed | Status | Test metric | Steps | Device | Commit | Flags | Source |",
+        "| Experiment | Seed | Status | Test metric | Steps | Device | Commit | Command | Source |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in sorted(results, key=lambda r: (r.experiment, str(r.seed), r.steps)):
@@ -452,13 +494,11 @@ def runs_markdown(results: list[Result], base: Path) -> str:
         status = result.status
         if result.record is not None:
             status = "complete" if result.complete else "partial"
-        commit = (record.get("git_commit") or "")[:10] + (
-            " (dirty)" if record.get("git_dirty") else ""
-        )
         lines.append(
             f"| {result.experiment} | {'—' if result.seed is None else result.seed} | {status} "
-            f"| {figure} | {steps} | {record.get('device') or '—'} | {commit or '—'} | "
-            f"{_flags(record)} | {_where(result, base)} |"
+            f"| {figure} | {steps} | {record.get('device') or '—'} | "
+            f"{_commits(record) if record else '—'} | {_command(record)} | "
+            f"{_where(result, base)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -588,55 +628,81 @@ def plot_differences(table: Table, path: str | Path) -> Path | None:
 
 
 def plot_curves(table: Table, column: str, path: str | Path) -> Path | None:
-    """The test metric (else the validation metric) over training steps of every run of
-    ``column`` that logged it, one line per run, the paper's number of its row dashed in the
-    same colour; ``None`` if no run of the column has such a curve."""
+    """The runs of ``column`` over training: left, the test metric (the points a
+    :class:`~lit_divnorm.callbacks.PeriodicTest` logged and each finished run's final test, a
+    star) beside the paper's test number of its row, dashed in the same colour; right, when
+    runs logged one, the validation metric, which is not the paper's figure and has no paper
+    line. ``None`` if no run of the column has a test or validation figure."""
     leaf = table.metric.split("/", 1)[1]
-    lines = []
-    for row in table.rows:
-        for result in table.cells[(row, column)].results:
-            for name in (f"test/{leaf}", f"val/{leaf}"):
-                if result.curves.get(name):
-                    lines.append((row, result, name))
-                    break
-    if not lines:
+    runs = [(row, r) for row in table.rows for r in table.cells[(row, column)].results]
+    tested = [(row, r) for row, r in runs if r.curves.get(f"test/{leaf}") or _final(r, table)]
+    validated = [(row, r) for row, r in runs if r.curves.get(f"val/{leaf}")]
+    if not tested and not validated:
         return None
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(8, 5))
+    panels = [("test", tested)] + ([("validation", validated)] if validated else [])
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(8 * len(panels), 5), squeeze=False, sharex=True
+    )
     colours: dict[str, str] = {}
-    for row, result, name in lines:
-        colour = colours.setdefault(row, f"C{len(colours) % 10}")
-        steps, values = zip(*result.curves[name])
-        seed = "" if result.seed is None else f" seed {result.seed}"
-        state = "" if result.complete else f" ({result.status if not result.record else 'partial'})"
-        axis.plot(
-            steps,
-            values,
-            color=colour,
-            marker="o" if len(steps) < 30 else None,
-            markersize=3,
-            label=f"{table.rows[row]}{seed}: {name}{state}",
+    for axis, (kind, members) in zip(axes[0], panels):
+        for row, result in members:
+            colour = colours.setdefault(row, f"C{len(colours) % 10}")
+            label = _curve_label(table, row, result)
+            points = result.curves.get(f"{'test' if kind == 'test' else 'val'}/{leaf}") or []
+            if points:
+                steps, values = zip(*points)
+                marker = "o" if len(steps) < 30 else None
+                axis.plot(steps, values, color=colour, marker=marker, markersize=3, label=label)
+                label = None
+            final = _final(result, table) if kind == "test" else None
+            if final is not None:
+                axis.plot([result.steps], [final], "*", color=colour, markersize=12, label=label)
+        if kind == "test":
+            for row in {row for row, _ in members}:
+                paper = table.cells[(row, column)].paper
+                if paper is not None:
+                    axis.axhline(
+                        paper,
+                        color=colours[row],
+                        linestyle="--",
+                        linewidth=1,
+                        label=f"{table.rows[row]}: paper (test) {paper}",
+                    )
+        axis.set_xlabel("training step")
+        axis.set_ylabel(f"{'test' if kind == 'test' else 'val'}/{leaf}")
+        axis.set_title(
+            f"{table.columns[column]}: {kind}"
+            + (" (star: final test)" if kind == "test" else " (no paper figure)")
         )
-    for row, colour in colours.items():
-        paper = table.cells[(row, column)].paper
-        if paper is not None:
-            axis.axhline(
-                paper,
-                color=colour,
-                linestyle="--",
-                linewidth=1,
-                label=f"{table.rows[row]}: paper {paper}",
-            )
-    axis.set_xlabel("training step")
-    axis.set_ylabel(table.metric + " (or its val/ form)")
-    axis.set_title(f"{table.title}, {table.columns[column]}: over training")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.suptitle(f"{table.title}, {table.columns[column]}: over training")
     return save_figure(figure, path)
+
+
+def _final(result: Result, table: Table) -> float | None:
+    return result.value(table.metric)
+
+
+def _curve_label(table: Table, row: str, result: Result) -> str:
+    seed = "" if result.seed is None else f" seed {result.seed}"
+    state = "" if result.complete else f" ({result.status if not result.record else 'partial'})"
+    return f"{table.rows[row]}{seed}{state}"
 
 
 def _link(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+
+
+def _run_counts(results: list[Result]) -> str:
+    """``"2 complete, 1 partial, 0 failed, 0 unfinished run(s)"``: a partial run is a finished
+    and tested run that stopped before its schedule's end."""
+    complete = sum(r.record is not None and r.complete for r in results)
+    partial = sum(r.record is not None and not r.complete for r in results)
+    failed = sum(r.status == "failed" for r in results)
+    other = len(results) - complete - partial - failed
+    return f"{complete} complete, {partial} partial, {failed} failed, {other} unfinished run(s)"
 
 
 def write_report(
@@ -660,18 +726,15 @@ def write_report(
     plots_dir = Path(plots_dir) if plots_dir is not None else out.parent
     sources = [f"`{results_dir}` (records)"] if results_dir is not None else []
     sources += [f"`{folder}` (run folders)" for folder in runs_dirs]
-    finished = sum(r.record is not None for r in results)
     sections = [
         "# Results beside the paper\n\n"
-        f"Generated by `lit-divnorm report` from {' and '.join(sources)}: {finished} finished "
-        f"run(s), {len(results) - finished} not finished. Every number below is read from a "
-        "run's own files; see the list of runs at the end.\n"
+        f"Generated by `lit-divnorm report` from {' and '.join(sources)}: "
+        f"{_run_counts(results)}. Every number below is read from a run's own files; see the "
+        "list of runs at the end.\n"
     ]
     figures: list[Path] = []
     for key in PAPER_TABLES:
         table = build_table(key, results)
-        if table is None:
-            continue
         sections.append(table_markdown(table))
         if not plots:
             continue

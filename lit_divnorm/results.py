@@ -54,7 +54,7 @@ import yaml
 from lit_divnorm.checkpoint import atomic_write_text
 from lit_divnorm.paper_results import PAPER_TABLES
 
-SCHEMA = 1
+SCHEMA = 2
 RECORD_FIELDS = (
     "schema",
     "experiment",
@@ -73,6 +73,7 @@ RECORD_FIELDS = (
     "git_dirty",
     "config_sha256",
     "config",
+    "batch",
     "command",
     "overrides",
     "curves",
@@ -92,6 +93,10 @@ TRAINER_KEYS = (
     "check_val_every_n_epoch",
 )
 DATA_LOCATION_KEYS = ("data_dir", "num_workers", "pin_memory", "download", "persistent_workers")
+# switches of how a run executes, not what it computes: left out of a run's identity (a new
+# defaulted switch must not turn one experiment into two)
+ENGINEERING_KEYS = ("compile", "device_resident", *DATA_LOCATION_KEYS, "prefetch_factor")
+SCHEDULE_KEYS = ("max_steps", "max_epochs")  # a run's identity holds its config's own schedule
 DATA_FOLDER_KEYS = ("val_dir", "test_dir", "train_dir")  # kept by their last part (Set14)
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -112,31 +117,87 @@ def metric_of(experiment: str) -> str | None:
 def normalized_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved LightningCLI config that decides what a run computes.
 
-    Keeps ``model`` whole, ``data`` less its location keys (``data_dir``, ``num_workers``,
-    ``pin_memory``, ``download``; image folders by their last part) and the trainer settings of
-    :data:`TRAINER_KEYS`; drops ``seed_everything``, loggers, callbacks, devices and paths, so
-    the runs of one experiment share the hash whatever their seed or machine.
+    Keeps ``model`` and ``data`` less the engineering switches of :data:`ENGINEERING_KEYS`
+    (``compile``, ``device_resident``, ``data_dir``, ``num_workers``, ...; image folders by
+    their last part; a data ``seed`` of ``None``, which follows ``seed_everything``) and the
+    trainer settings of :data:`TRAINER_KEYS`; drops ``seed_everything``, loggers, callbacks,
+    devices and paths, so the runs of one experiment share it whatever their seed or machine.
     """
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict (a parsed config.yaml), got {type(config)}")
     trainer = config.get("trainer") or {}
+    model = json.loads(json.dumps(config.get("model"), default=str))
     data = json.loads(json.dumps(config.get("data") or {}, default=str))
-    arguments = data.get("init_args") if isinstance(data.get("init_args"), dict) else data
-    for key in DATA_LOCATION_KEYS:
-        arguments.pop(key, None)
+    for part in (model, data):
+        arguments = _init_args(part)
+        for key in ENGINEERING_KEYS:
+            arguments.pop(key, None)
+    arguments = _init_args(data)
+    if "seed" in arguments and arguments["seed"] is None:
+        del arguments["seed"]
     for key in DATA_FOLDER_KEYS:
         if arguments.get(key):
             arguments[key] = Path(str(arguments[key])).name
     return {
-        "model": config.get("model"),
+        "model": model,
         "data": data,
         "trainer": {key: trainer.get(key) for key in TRAINER_KEYS},
     }
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    """SHA-256 of :func:`normalized_config` as canonical JSON (sorted keys)."""
-    text = json.dumps(normalized_config(config), sort_keys=True, default=str)
+def _init_args(part: Any) -> dict[str, Any]:
+    """The ``init_args`` of a ``class_path`` mapping, the mapping itself without one (``{}``
+    for anything else)."""
+    if not isinstance(part, dict):
+        return {}
+    return part["init_args"] if isinstance(part.get("init_args"), dict) else part
+
+
+def batch_facts(config: dict[str, Any], world_size: int | None = None) -> dict[str, Any]:
+    """The effective batch of a run: ``world_size`` (processes: given, else ``num_nodes`` x
+    ``devices`` when the config fixes them, ``None`` when it does not: ``devices: auto`` on a
+    machine not known), ``devices``, ``num_nodes``, ``accumulate_grad_batches``,
+    ``per_device`` (the data's ``batch_size``) and ``global`` = per_device x world_size x
+    accumulate_grad_batches."""
+    trainer = config.get("trainer") or {}
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if world_size is None:
+        if isinstance(devices, list):
+            world_size = len(devices) * nodes
+        elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+            world_size = devices * nodes
+        elif isinstance(devices, str) and devices.strip().isdigit() and int(devices) > 0:
+            world_size = int(devices) * nodes
+        elif trainer.get("accelerator") == "cpu":
+            world_size = nodes  # Lightning's CPU accelerator runs one process per node
+    accumulate = trainer.get("accumulate_grad_batches") or 1
+    per_device = _init_args(config.get("data")).get("batch_size")
+    per_device = per_device if isinstance(per_device, int) else None
+    known = world_size is not None and per_device is not None
+    return {
+        "world_size": world_size,
+        "devices": devices,
+        "num_nodes": nodes,
+        "accumulate_grad_batches": accumulate,
+        "per_device": per_device,
+        "global": per_device * world_size * accumulate if known else None,
+    }
+
+
+def config_hash(
+    config: dict[str, Any], schedule: int | None = None, global_batch: int | None = None
+) -> str:
+    """The identity of an experiment: SHA-256 (canonical JSON) of :func:`normalized_config`
+    with the trainer's ``max_steps``/``max_epochs`` replaced by ``schedule`` (the steps of the
+    experiment config's own schedule: a run stopped early is a partial run of the same
+    experiment, not another one) and the ``global_batch`` (per-device batch x processes x
+    accumulation: 4 GPUs at the paper's batch each are another experiment)."""
+    identity = normalized_config(config)
+    for key in SCHEDULE_KEYS:
+        identity["trainer"].pop(key, None)
+    identity["schedule_steps"] = schedule
+    identity["global_batch"] = global_batch
+    text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -270,15 +331,26 @@ def metric_series(rows: list[dict[str, str]], metric: str) -> list[list[float]]:
 
 
 def training_progress(rows: list[dict[str, str]]) -> tuple[int, int]:
-    """(optimizer steps run, epochs begun) from the ``train/*`` rows of ``metrics.csv``
-    (Lightning logs a training row at step ``k`` for the ``k + 1``-th step)."""
-    steps = epochs = 0
+    """(optimizer steps run, epochs begun) from the ``train/*`` rows of ``metrics.csv``.
+
+    Lightning logs a training row at step ``k`` for the ``k + 1``-th step. The per-step rows
+    count the steps; the ``*_epoch`` aggregates may carry the step after the last (when a
+    callback logged at that step), so they count the steps only in a run without per-step
+    rows, and the epochs always.
+    """
+    step_rows = epoch_rows = epochs = 0
     for row in rows:
-        if any(k.startswith("train/") and v not in (None, "") for k, v in row.items()):
-            steps = max(steps, int(float(row.get("step") or 0)) + 1)
-            if row.get("epoch") not in (None, ""):
-                epochs = max(epochs, int(float(row["epoch"])) + 1)
-    return steps, epochs
+        logged = [k for k, v in row.items() if k.startswith("train/") and v not in (None, "")]
+        if not logged:
+            continue
+        step = int(float(row.get("step") or 0)) + 1
+        if any(not key.endswith("_epoch") for key in logged):
+            step_rows = max(step_rows, step)
+        else:
+            epoch_rows = max(epoch_rows, step)
+        if row.get("epoch") not in (None, ""):
+            epochs = max(epochs, int(float(row["epoch"])) + 1)
+    return step_rows or epoch_rows, epochs
 
 
 def curves_of(rows: list[dict[str, str]], metric: str | None) -> dict[str, list[list[float]]]:
@@ -337,6 +409,8 @@ def build_record(
         schedule = schedule_steps(config.get("trainer") or {}, per_epoch)
     seed = summary.get("seed", config.get("seed_everything"))
     seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    batch = batch_facts(config, summary.get("world_size"))
+    overrides = summary.get("overrides", [])
     return {
         "schema": SCHEMA,
         "experiment": experiment,
@@ -353,10 +427,14 @@ def build_record(
         "versions": summary.get("versions", {}),
         "git_commit": summary.get("git_commit"),
         "git_dirty": summary.get("git_dirty"),
-        "config_sha256": config_hash(config),
+        "config_sha256": config_hash(config, schedule, batch["global"]),
         "config": normalized_config(config),
-        "command": summary.get("command"),
-        "overrides": summary.get("overrides", []),
+        "batch": batch,
+        "command": _portable_or_none(
+            repository_path(summary.get("config")), overrides, experiment, schedule
+        )
+        or summary.get("command"),
+        "overrides": overrides,
         "curves": summary["curves"] if "curves" in summary else curves_of(rows, metric),
         "source": {
             "kind": kind,
@@ -365,6 +443,16 @@ def build_record(
             "resumed_from_step": summary.get("resumed_from_step", 0),
         },
     }
+
+
+def repository_path(path: str | None) -> str:
+    """``path`` relative to this repository when it lies inside it (``configs/...``), else
+    as given (``"?"`` for none)."""
+    if not path:
+        return "?"
+    with contextlib.suppress(ValueError):
+        return Path(path).resolve().relative_to(REPOSITORY).as_posix()
+    return str(path)
 
 
 def _minutes_to_seconds(minutes: Any) -> float | None:
@@ -423,10 +511,13 @@ def load_records(results_dir: str | Path) -> dict[Path, dict[str, Any]]:
 
 _BULLET = re.compile(r"^- ([^:]+):\s*(.*)$")
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+_PLACEHOLDER = re.compile(r"<[^<>]*>")
+_CONTINUES = re.compile(r"continues `\.\./([^`/]+)/?`")
 
 
 def run_md_fields(text: str) -> dict[str, str]:
-    """The ``- Key: text`` bullets of a ``RUN.md`` (continuation lines joined by spaces)."""
+    """The ``- Key: text`` bullets of a ``RUN.md``: indented lines below a bullet (nested
+    bullets, a code block, also after a blank line) join its text with spaces."""
     fields: dict[str, str] = {}
     key = None
     for line in text.splitlines():
@@ -435,8 +526,8 @@ def run_md_fields(text: str) -> dict[str, str]:
             key = match.group(1).strip()
             fields[key] = match.group(2).strip()
         elif key is not None and line.startswith("  ") and line.strip():
-            fields[key] += " " + line.strip()
-        else:
+            fields[key] = (fields[key] + " " + line.strip()).strip()
+        elif line.strip():
             key = None
     return fields
 
@@ -463,29 +554,157 @@ def parse_test_log(path: Path) -> list[list[float]]:
 
 
 def fit_flags(command: str) -> list[str]:
-    """The flags of the ``lit-divnorm fit`` command in ``command`` (its backquoted part),
-    without ``--config``: ``["--trainer.max_steps 32000", ...]``."""
-    match = re.search(r"`(lit-divnorm fit [^`]*)`", command)
+    """The flags of the ``lit-divnorm fit`` command in ``command`` (backquoted, or a code
+    block ending at ``then``), without ``--config``: ``["--trainer.max_steps 32000", ...]``."""
+    match = re.search(r"`(lit-divnorm fit [^`]*)`", command) or re.search(
+        r"(lit-divnorm fit .*?)(?:\s+then\b|$)", command
+    )
     if match is None:
         return []
     parts = re.split(r"\s+(?=--)", " ".join(match.group(1).split()))
     return [part for part in parts[1:] if not part.startswith("--config")]
 
 
+def data_variable(experiment: str) -> str:
+    """The shell variable that stands for a machine's data folder of ``experiment`` in a
+    record's command: ``"cifar10/dn_star"`` -> ``"$CIFAR10_DIR"``."""
+    return "$" + re.sub(r"\W", "_", experiment.split("/", 1)[0]).upper() + "_DIR"
+
+
+def portable_command(
+    config_file: str, flags: Iterable[str], experiment: str, schedule: int | None
+) -> str:
+    """A command that re-runs a record's run on any machine: ``fit`` of the repository's
+    ``config_file`` with ``flags`` (a data folder as :func:`data_variable`; no
+    ``--ckpt_path``: the record is the whole run; no ``--trainer.max_steps`` equal to the
+    config's own ``schedule``), then ``test`` of its last checkpoint.
+
+    A flag that keeps a ``<placeholder>`` raises ``ValueError``: the command could not run.
+    """
+    data = f"--data.data_dir {data_variable(experiment)}"
+    kept = []
+    for flag in flags:
+        name, _, value = flag.replace("=", " ", 1).partition(" ")
+        if name == "--data.data_dir":
+            continue
+        if name == "--ckpt_path" or (name == "--trainer.max_steps" and value == str(schedule)):
+            continue
+        if _PLACEHOLDER.search(flag):
+            raise ValueError(
+                f"the fit flag {flag!r} of {config_file} keeps a placeholder: name the class "
+                "or value it stands for, so that the record's command can be re-run"
+            )
+        kept.append(flag)
+    fit = " ".join(["lit-divnorm fit --config", config_file, data, *kept])
+    return f"{fit} && lit-divnorm test --config {config_file} {data} --ckpt_path last"
+
+
+def _stated_test_value(fields: dict[str, str], run_md: Path) -> str:
+    """The test figure ``RUN.md`` states: the number right before ``(`test_metrics.csv```,
+    else the first number of its ``Test ...`` line."""
+    stated = [text for key, text in fields.items() if key.lower().startswith("test")]
+    if not stated:
+        raise ValueError(f"{run_md}: no '- Test ...:' line to compare with test_metrics.csv")
+    beside = re.findall(r"(\d[\d,]*(?:\.\d+)?)\s*\(`test_metrics\.csv`", stated[0])
+    figure = beside[-1] if beside else None
+    if figure is None:
+        found = _NUMBER.search(stated[0].split(":", 1)[-1])
+        figure = found.group(0) if found else None
+    if figure is None:
+        raise ValueError(f"{run_md}: the test line states no number")
+    return figure
+
+
+def _check_stated_test_value(fields: dict[str, str], value: float | None, run_md: Path) -> None:
+    if value is None:
+        raise ValueError(f"{run_md}: test_metrics.csv holds no figure of the paper's metric")
+    figure = _stated_test_value(fields, run_md)
+    decimals = len(figure.split(".")[1]) if "." in figure else 0
+    if abs(_number(figure) - value) > 0.5 * 10.0**-decimals + 1e-12:
+        raise ValueError(
+            f"{run_md} states the test figure {figure}, but test_metrics.csv holds "
+            f"{value}: the folder's files disagree"
+        )
+
+
+def _stated_steps(fields: dict[str, str], title: str, run_md: Path) -> dict[str, int]:
+    """What ``RUN.md`` says of the steps: ``{"steps", "schedule"}`` (``N of M``), ``{"epochs"}``
+    (``the whole schedule (E epochs)``), ``{"schedule"}`` (``the full schedule of N steps``)
+    or ``{"start", "steps"}`` (``steps A to B``), from its Steps line, else its title."""
+    text = next((v for k, v in fields.items() if k.lower().startswith("steps")), None)
+    for source in (text, title):
+        if source is None:
+            continue
+        of = re.search(r"(?:^|\s)([\d,]+) of (?:the schedule's )?([\d,]+)", source)
+        if of:
+            return {"steps": int(_number(of.group(1))), "schedule": int(_number(of.group(2)))}
+        whole = re.search(r"whole schedule \((\d+) epochs\b", source)
+        if whole:
+            return {"epochs": int(whole.group(1))}
+        full = re.search(r"full schedule of ([\d,]+) steps", source)
+        if full:
+            return {"schedule": int(_number(full.group(1)))}
+        span = re.search(r"steps ([\d,]+) to ([\d,]+)", source)
+        if span:
+            return {"start": int(_number(span.group(1))), "steps": int(_number(span.group(2)))}
+    raise ValueError(
+        f"{run_md}: the Steps line or the title must read 'N of M', 'the whole schedule "
+        "(E epochs)', 'the full schedule of N steps' or 'steps A to B'"
+    )
+
+
+def _check_stated_steps(
+    stated: dict[str, int],
+    steps: int,
+    start: int,
+    epochs: int,
+    schedule: int | None,
+    own_trainer: dict[str, Any],
+    run_md: Path,
+) -> None:
+    found = {
+        "steps": steps,
+        "schedule": schedule,
+        "start": start,
+        "epochs": epochs,
+    }
+    wrong = {key: value for key, value in stated.items() if found[key] != value}
+    if "epochs" in stated and own_trainer.get("max_epochs") != stated["epochs"]:
+        wrong["epochs of the config"] = stated["epochs"]
+    if wrong:
+        if "epochs" in stated:
+            said = f"the whole schedule of {stated['epochs']} epochs"
+        elif "start" in stated:
+            said = f"steps {stated['start']} to {stated['steps']}"
+        elif "steps" in stated:
+            said = f"{stated['steps']} of {stated['schedule']} steps"
+        else:
+            said = f"the full schedule of {stated['schedule']} steps"
+        raise ValueError(
+            f"{run_md} states {said}, but metrics.csv shows {steps} steps from step {start} "
+            f"over {epochs} epochs and the config's schedule is {schedule} steps "
+            f"({own_trainer.get('max_epochs')} epochs); disagreeing: {sorted(wrong)}"
+        )
+
+
 def import_run(folder: str | Path) -> dict[str, Any]:
     """The record of a run folder in the ``../shared/runs`` format (see its README.md).
 
     Reads ``RUN.md`` (config, commit, command, machine, steps, wall time), ``config.yaml``
-    (seed, config hash), ``metrics.csv`` (steps and epochs run, validation curve),
-    ``test_metrics.csv`` (the final test metrics) and ``test_every_*.log`` (a test curve).
-    The steps, schedule and test figure that ``RUN.md`` states are checked against the files
-    and the experiment config's own schedule (``ValueError`` naming the disagreement).
+    (seed, identity), ``metrics.csv`` (steps and epochs run, curves), ``test_metrics.csv``
+    (the final test metrics) and ``test_every_*.log`` (a test curve). The steps, schedule and
+    test figure that ``RUN.md`` states are checked against the files and the experiment
+    config's own schedule (``ValueError`` naming the disagreement). A folder whose RUN.md says
+    it ``continues `../<run>``` is one part of a run: ``source["continues"]`` names the earlier
+    part, and :func:`import_runs` joins the parts into one record.
     """
     folder = Path(folder)
     run_md = folder / "RUN.md"
     if not run_md.is_file():
         raise ValueError(f"folder {str(folder)!r} holds no RUN.md: not a run in the shared format")
-    fields = run_md_fields(run_md.read_text())
+    text = run_md.read_text()
+    title = text.splitlines()[0].lstrip("# ").strip()
+    fields = run_md_fields(text)
     _, config_text = _field(fields, "Config", run_md)
     config_match = re.search(r"`(configs/[^`]+\.ya?ml)`", config_text)
     commit_match = re.search(r"commit ([0-9a-f]{7,40})\b", config_text)
@@ -503,6 +722,9 @@ def import_run(folder: str | Path) -> dict[str, Any]:
     steps, epochs = training_progress(rows)
     if steps == 0:
         raise ValueError(f"{folder}: metrics.csv holds no training rows")
+    continues = _CONTINUES.search(text)
+    train_steps = [int(float(r["step"])) for r in rows if r.get("step") not in (None, "")]
+    start = min(train_steps) if continues else 0
     test_rows = read_metric_rows(folder / "test_metrics.csv")
     if not test_rows:
         raise ValueError(f"{folder}: no test_metrics.csv with the final test metrics")
@@ -514,20 +736,40 @@ def import_run(folder: str | Path) -> dict[str, Any]:
     value = test_metrics.get(metric) if metric else None
     _check_stated_test_value(fields, value, run_md)
     own = resolved_config(experiment_config)["trainer"]
-    schedule = schedule_steps(own, steps // epochs if epochs and steps % epochs == 0 else None)
-    _check_stated_steps(fields, steps, epochs, schedule, own, run_md)
+    per_epoch = None
+    if epochs and steps % epochs == 0:
+        per_epoch = steps // epochs
+    schedule = schedule_steps(own, per_epoch)
+    stated = _stated_steps(fields, title, run_md)
+    _check_stated_steps(stated, steps, start, epochs, schedule, own, run_md)
     _, machine = _field(fields, "Machine", run_md)
     versions = {"python": None, **dict.fromkeys(PACKAGES)}
     for name in PACKAGES:
         found = re.search(rf"\b{re.escape(name)} (\d+(?:\.\d+)+)", machine)
         versions[name] = found.group(1) if found else None
     config = yaml.safe_load((folder / "config.yaml").read_text())
+    device = machine.split(", torch")[0].split(". ")[0]
+    batch = batch_facts(config, 1 if "CPU" in device and "GPU" not in device else None)
     curves = curves_of(rows, metric)
     for log in sorted(folder.glob("test_every_*.log")):
         if metric == "test/acc" and parse_test_log(log):
             curves["test/acc"] = parse_test_log(log)
     command_key, command = _field(fields, "Command", run_md)
     metrics_files = [folder / "metrics.csv", folder / "test_metrics.csv"]
+    commit = full_commit(commit_match.group(1))
+    source = {
+        "kind": "import",
+        "run_dir": folder.name,
+        "metrics_sha256": file_sha256(*metrics_files),
+        "run_md_sha256": file_sha256(run_md),
+        "run_md_title": title,
+        "run_md_steps": next((v for k, v in fields.items() if k.startswith("Steps")), title),
+        "run_md_command_field": command_key,
+        "config_file": config_path,
+    }
+    if continues:
+        source["continues"] = continues.group(1)
+        source["start_step"] = start
     return {
         "schema": SCHEMA,
         "experiment": experiment,
@@ -539,27 +781,30 @@ def import_run(folder: str | Path) -> dict[str, Any]:
         "schedule_steps": schedule,
         "complete": schedule is not None and steps >= schedule,
         "wall_time_s": _wall_time(machine),
-        "device": machine.split(", torch")[0].split(". ")[0],
+        "device": device,
         "threads": None,
         "versions": versions,
-        "git_commit": full_commit(commit_match.group(1)),
+        "git_commit": commit,
         "git_dirty": None,  # RUN.md names the commit; local edits are not recorded
-        "config_sha256": config_hash(config),
+        "config_sha256": config_hash(config, schedule, batch["global"]),
         "config": normalized_config(config),
-        "command": command,
+        "batch": batch,
+        "command": _portable_or_none(config_path, fit_flags(command), experiment, schedule),
         "overrides": fit_flags(command),
         "curves": curves,
-        "source": {
-            "kind": "import",
-            "run_dir": folder.name,
-            "metrics_sha256": file_sha256(*metrics_files),
-            "run_md_sha256": file_sha256(run_md),
-            "run_md_title": run_md.read_text().splitlines()[0].lstrip("# ").strip(),
-            "run_md_steps": _field(fields, "Steps", run_md)[1],
-            "run_md_command_field": command_key,
-            "config_file": config_path,
-        },
+        "source": source,
     }
+
+
+def _portable_or_none(
+    config_file: str, flags: list[str], experiment: str, schedule: int | None
+) -> str | None:
+    """:func:`portable_command`, ``None`` when a flag keeps a placeholder (allowed in the
+    first part of a run made in parts, whose record is never written alone)."""
+    try:
+        return portable_command(config_file, flags, experiment, schedule)
+    except ValueError:
+        return None
 
 
 def _wall_time(machine: str) -> float | None:
@@ -572,66 +817,87 @@ def _wall_time(machine: str) -> float | None:
     return round(total, 1) if total is not None else None
 
 
-def _check_stated_test_value(fields: dict[str, str], value: float | None, run_md: Path) -> None:
-    stated = [text for key, text in fields.items() if key.lower().startswith("test")]
-    if value is None or not stated:
-        raise ValueError(f"{run_md}: no test figure to compare with test_metrics.csv")
-    figure = _NUMBER.search(stated[0])
-    if figure is None:
-        raise ValueError(f"{run_md}: the test line states no number")
-    decimals = len(figure.group(0).split(".")[1]) if "." in figure.group(0) else 0
-    if abs(_number(figure.group(0)) - value) > 0.5 * 10.0**-decimals + 1e-12:
+def join_parts(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """One record of a run made in two parts: ``then`` continued ``first`` from the step
+    where ``first`` stopped (its checkpoint). The joined record has ``then``'s final figures,
+    steps and command, both parts' wall time, curves (each step once) and commits
+    (``source["parts"]``: run folder, commit, steps, overrides of each); ``ValueError`` when
+    the parts are not of one run (another experiment, seed or identity, or a gap)."""
+    where = f"{then['source']['run_dir']} continues {first['source']['run_dir']}"
+    for key in ("experiment", "seed", "config_sha256"):
+        if first[key] != then[key]:
+            raise ValueError(f"{where}, but their {key} differ: {first[key]!r}, {then[key]!r}")
+    if then["source"]["start_step"] != first["steps"]:
         raise ValueError(
-            f"{run_md} states the test figure {figure.group(0)}, but test_metrics.csv holds "
-            f"{value}: the folder's files disagree"
+            f"{where}, but it starts at step {then['source']['start_step']} and the first part "
+            f"stopped at step {first['steps']}"
         )
-
-
-def _check_stated_steps(
-    fields: dict[str, str],
-    steps: int,
-    epochs: int,
-    schedule: int | None,
-    own_trainer: dict[str, Any],
-    run_md: Path,
-) -> None:
-    _, text = _field(fields, "Steps", run_md)
-    of = re.match(r"\s*([\d,]+) of ([\d,]+)", text)
-    if of:
-        stated_steps, stated_schedule = int(_number(of.group(1))), int(_number(of.group(2)))
-        if (stated_steps, stated_schedule) != (steps, schedule):
-            raise ValueError(
-                f"{run_md} states {stated_steps} of {stated_schedule} steps, but metrics.csv "
-                f"shows {steps} steps and the config's schedule is {schedule}"
-            )
-        return
-    whole = re.search(r"whole schedule \((\d+) epochs\b", text)
-    if whole:
-        stated_epochs = int(whole.group(1))
-        if stated_epochs != epochs or stated_epochs != own_trainer.get("max_epochs"):
-            raise ValueError(
-                f"{run_md} states the whole schedule of {stated_epochs} epochs, but metrics.csv "
-                f"shows {epochs} epochs and the config's schedule is "
-                f"{own_trainer.get('max_epochs')} epochs"
-            )
-        return
-    raise ValueError(
-        f"{run_md}: the Steps line must read 'N of M' or 'the whole schedule (E epochs)'"
-    )
+    curves = {}
+    for name in sorted({*first["curves"], *then["curves"]}):
+        points = {int(step): value for step, value in first["curves"].get(name, [])}
+        points.update({int(step): value for step, value in then["curves"].get(name, [])})
+        curves[name] = [[step, points[step]] for step in sorted(points)]
+    parts = []
+    for record in (first, then):
+        start = record["source"].get("start_step", 0)
+        parts += record["source"].get("parts") or [
+            {
+                "run_dir": record["source"]["run_dir"],
+                "git_commit": record["git_commit"],
+                "steps": [start, record["steps"]],
+                "overrides": record["overrides"],
+                "metrics_sha256": record["source"]["metrics_sha256"],
+                "run_md_sha256": record["source"]["run_md_sha256"],
+            }
+        ]
+    walls = [first["wall_time_s"], then["wall_time_s"]]
+    source = {**then["source"], "parts": parts}
+    source.pop("continues")
+    source.pop("start_step")
+    return {
+        **then,
+        "wall_time_s": None if None in walls else round(sum(walls), 1),
+        "curves": curves,
+        "source": source,
+    }
 
 
 def import_runs(folder: str | Path, results_dir: str | Path) -> list[Path]:
-    """:func:`import_run` every subfolder of ``folder`` that holds a ``RUN.md`` and write the
-    records into ``results_dir`` (none when any folder fails its checks); returns their
-    paths."""
+    """:func:`import_run` every subfolder of ``folder`` that holds a ``RUN.md``, join the
+    parts of runs made in parts (:func:`join_parts`; a part never counts as a run of its own)
+    and write the records into ``results_dir`` (none when any folder fails its checks);
+    returns their paths. A record of a part that an earlier import wrote is removed."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"the import folder must be an existing folder, got {str(folder)!r}")
     runs = sorted(path.parent for path in folder.glob("*/RUN.md"))
     if not runs:
         raise ValueError(f"the import folder {str(folder)!r} holds no <run>/RUN.md")
-    records = [import_run(run) for run in runs]  # every folder checked before one is written
-    return [write_record(record, results_dir) for record in records]
+    records = {run.name: import_run(run) for run in runs}  # all checked before one is written
+    joined = dict(records)
+    for name, record in records.items():
+        earlier = record["source"].get("continues")
+        if earlier is None:
+            continue
+        if earlier not in records:
+            raise ValueError(f"{name} continues {earlier}, which is not in {str(folder)!r}")
+        first = joined.pop(earlier)
+        joined[name] = join_parts(first, joined[name])
+    parts = {earlier for r in records.values() if (earlier := r["source"].get("continues"))}
+    for record in joined.values():
+        if record["command"] is None:  # raises, naming the flag
+            portable_command(
+                record["source"]["config_file"],
+                record["overrides"],
+                record["experiment"],
+                record["schedule_steps"],
+            )
+    results_dir = Path(results_dir)
+    if results_dir.is_dir():
+        for path, old in load_records(results_dir).items():
+            if old["source"].get("kind") == "import" and old["source"]["run_dir"] in parts:
+                path.unlink()
+    return [write_record(record, results_dir) for record in joined.values()]
 
 
 def environment_facts(root_device: Any) -> dict[str, Any]:

@@ -262,6 +262,7 @@ def run_one(
             "test_metrics": _metrics_of(trainer),
             "curves": curves,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "world_size": int(trainer.world_size),
             **environment_facts(trainer.strategy.root_device),
         }
     except (SIGTERMException, KeyboardInterrupt):

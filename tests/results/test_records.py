@@ -15,6 +15,7 @@ from lit_divnorm.cli import main as cli_main
 from lit_divnorm.paper_results import PAPER_TABLES
 from lit_divnorm.results import (
     RECORD_FIELDS,
+    batch_facts,
     check_record,
     config_hash,
     import_run,
@@ -30,8 +31,8 @@ CIFAR_RUN_MD = """# CIFAR-10, DN* (Table 3), seed 0: the first 200 of the schedu
 
 - Config: `configs/cifar10/dn_star.yaml` at project commit f80f94f (unchanged).
 - Command: `lit-divnorm fit --config configs/cifar10/dn_star.yaml --data.data_dir <CIFAR-10>
-  --trainer.max_steps 200 --trainer.callbacks+=<a periodic test>`, then `lit-divnorm test
-  --config configs/cifar10/dn_star.yaml --ckpt_path last.ckpt`.
+  --trainer.max_steps 200 --trainer.callbacks+=lit_divnorm.callbacks.PeriodicTest`, then
+  `lit-divnorm test --config configs/cifar10/dn_star.yaml --ckpt_path last.ckpt`.
 - Machine: 2-core CPU, float32, torch 2.14.1, lightning 2.6.6. Wall time 1.5 min (about 0.4 s/step).
 - Steps: 200 of 80,000 (not a finished row).
 - Test accuracy at step 200: {stated} (`test_metrics.csv`).
@@ -108,20 +109,41 @@ def test_config_hash_ignores_where_and_how_a_run_ran_not_what_it_computes():
     moved = _config(7, "bn")  # another seed
     moved["trainer"]["logger"] = {"save_dir": "elsewhere"}
     moved["data"]["init_args"]["data_dir"] = "/data/cifar10"
-    assert config_hash(moved) == config_hash(base)
-    assert config_hash(_config(0, "dn")) != config_hash(base)  # another model
-    assert config_hash(_config(0, "bn", max_steps=80000)) != config_hash(base)  # schedule
+    assert config_hash(moved, 80000, 100) == config_hash(base, 80000, 100)
+    assert config_hash(_config(0, "dn"), 80000, 100) != config_hash(base, 80000, 100)  # model
+    # the identity holds the config's own schedule: a run stopped early (its max_steps) is a
+    # partial run of the same experiment; another schedule is another experiment
+    stopped = _config(0, "bn", max_steps=32000)
+    assert config_hash(stopped, 80000, 100) == config_hash(base, 80000, 100)
+    assert config_hash(base, 50000, 100) != config_hash(base, 80000, 100)
+    assert config_hash(base, 80000, 400) != config_hash(base, 80000, 100)  # global batch
+    # engineering switches, given or left at their defaults, are not part of it
+    switched = _config(0, "bn")
+    switched["model"]["init_args"]["compile"] = True
+    switched["data"]["init_args"].update(device_resident=None, num_workers=8)
+    assert config_hash(switched, 80000, 100) == config_hash(base, 80000, 100)
     sr = {"data": {"init_args": {"test_dir": "/a/b/Set14", "num_workers": 4}}}
     assert normalized_config(sr)["data"] == {"init_args": {"test_dir": "Set14"}}
     with pytest.raises(TypeError, match="config must be a dict"):
         normalized_config(["trainer"])
 
 
+def test_batch_facts_give_the_global_batch_of_a_run():
+    config = _config(0, "bn")
+    config["data"]["init_args"]["batch_size"] = 25
+    config["trainer"].update(devices=4, num_nodes=2, accumulate_grad_batches=2)
+    facts = batch_facts(config)
+    assert (facts["world_size"], facts["per_device"], facts["global"]) == (8, 25, 400)
+    config["trainer"].update(devices="auto", num_nodes=1, accumulate_grad_batches=1)
+    assert batch_facts(config)["global"] is None  # not known from the config alone
+    assert batch_facts(config, world_size=2)["global"] == 50  # what the run reported
+
+
 def test_records_are_checked_field_by_field(tmp_path):
     record = import_run(write_cifar_run(tmp_path / "run"))
     assert check_record(record, "r") is record
     for change, message in (
-        ({"schema": 2}, "schema must be 1, got 2"),
+        ({"schema": 1}, "schema must be 2, got 1"),
         ({"seed": "0"}, "seed must be an int"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -162,13 +184,20 @@ def test_import_reads_every_figure_from_the_run_files(tmp_path):
     assert cifar["overrides"] == [
         "--data.data_dir <CIFAR-10>",
         "--trainer.max_steps 200",
-        "--trainer.callbacks+=<a periodic test>",
+        "--trainer.callbacks+=lit_divnorm.callbacks.PeriodicTest",
     ]
+    # re-runnable: the data folder as a variable, the smoke schedule kept, then the test
+    assert cifar["command"] == (
+        "lit-divnorm fit --config configs/cifar10/dn_star.yaml --data.data_dir $CIFAR10_DIR "
+        "--trainer.max_steps 200 --trainer.callbacks+=lit_divnorm.callbacks.PeriodicTest && "
+        "lit-divnorm test --config configs/cifar10/dn_star.yaml --data.data_dir $CIFAR10_DIR "
+        "--ckpt_path last"
+    )
     assert (
         cifar["source"]["kind"] == "import"
         and cifar["source"]["run_dir"] == "cifar10_dn_star_seed0_200"
     )
-    assert cifar["config_sha256"] == config_hash(_config(0, {"name": "dn*"}))
+    assert cifar["config_sha256"] == config_hash(_config(0, {"name": "dn*"}), 80000, None)
     ptb = records["ptb/lstm/dn_star"]
     assert (ptb["seed"], ptb["value"], ptb["metric"]) == (1234, 102.7849, "test/ppl")
     assert (ptb["steps"], ptb["schedule_steps"], ptb["complete"]) == (130, 130, True)  # 13 x 10
@@ -226,18 +255,76 @@ def test_shared_runs_import_to_the_committed_records(tmp_path):
         with (SHARED_RUNS / name / "test_metrics.csv").open(newline="") as handle:
             (row,) = list(csv.DictReader(handle))
         assert record["value"] == float(row[record["metric"]])
-    cifar = fresh["cifar10_dn_star_seed0_32k"]
-    assert (cifar["steps"], cifar["schedule_steps"], cifar["complete"]) == (32000, 80000, False)
-    assert len(cifar["curves"]["test/acc"]) == 16 and cifar["curves"]["test/acc"][-1][0] == 32000
+        assert "<" not in record["command"]  # every command can be re-run
+    # the 80k folder continues the 32k one: one complete run in two parts, counted once
+    assert "cifar10_dn_star_seed0_32k" not in fresh
+    cifar = fresh["cifar10_dn_star_seed0_80k"]
+    assert (cifar["steps"], cifar["schedule_steps"], cifar["complete"]) == (80000, 80000, True)
+    parts = cifar["source"]["parts"]
+    assert [part["run_dir"] for part in parts] == [
+        "cifar10_dn_star_seed0_32k",
+        "cifar10_dn_star_seed0_80k",
+    ]
+    assert [part["steps"] for part in parts] == [[0, 32000], [32000, 80000]]
+    assert parts[0]["git_commit"].startswith("f80f94f")
+    assert parts[1]["git_commit"].startswith("75490c3")
+    steps = [step for step, _ in cifar["curves"]["test/acc"]]
+    assert steps == list(range(2000, 80001, 2000))  # both parts' test points, each step once
+    assert cifar["batch"]["global"] == 100
+    baseline = fresh["cifar10_baseline_seed0"]
+    assert (baseline["steps"], baseline["schedule_steps"], baseline["complete"]) == (
+        50000,
+        50000,
+        True,
+    )
     for name in ("ptb_lstm_baseline_seed1234", "ptb_lstm_dn_star_seed1234"):
         ptb = fresh[name]
         assert (ptb["steps"], ptb["schedule_steps"], ptb["complete"]) == (30212, 30212, True)
+        assert ptb["batch"]["global"] == 20
     assert _committed_records() == fresh  # results/ holds exactly what the files say
+
+
+def test_a_run_made_in_two_parts_imports_as_one_record(tmp_path):
+    shared = tmp_path / "shared_runs"
+    first = write_cifar_run(shared / "cifar10_dn_star_seed0_200")
+    # an earlier import wrote the first part alone: the joined import replaces it
+    import_runs(shared, tmp_path / "results")
+    second = shared / "cifar10_dn_star_seed0_400"
+    second.mkdir()
+    (second / "RUN.md").write_text(
+        "# CIFAR-10, DN* (Table 3), seed 0: steps 200 to 400\n\n"
+        "This folder continues `../cifar10_dn_star_seed0_200` from its `last.ckpt`.\n\n"
+        "- Config: `configs/cifar10/dn_star.yaml` at project commit 75490c3 (unchanged).\n"
+        "- Command:\n\n"
+        "      lit-divnorm fit --config configs/cifar10/dn_star.yaml --data.data_dir <CIFAR>\n"
+        "          --trainer.max_steps 400 --ckpt_path <the first part's last.ckpt>\n\n"
+        "  then `lit-divnorm test`.\n"
+        "- Machine: 2-core CPU, float32, torch 2.14.1. Wall time 2.0 min.\n"
+        "- Test accuracy:\n"
+        "  - at step 300: 0.55;\n"
+        "  - at step 400: 0.6000 (`test_metrics.csv`).\n"
+    )
+    (second / "config.yaml").write_text((first / "config.yaml").read_text())
+    rows = [[2, "", 299, 0.5, 1.2, ""], [3, "", 399, 0.6, 1.1, ""], ["", "", 400, "", "", ""]]
+    header = ["epoch", "lr-SGD", "step", "train/acc_step", "train/loss_step", "train/acc_epoch"]
+    _write_csv(second / "metrics.csv", header, [["", "", 200, "", "", ""], *rows])
+    _write_csv(second / "test_metrics.csv", ["epoch", "step", "test/acc"], [[0, 0, 0.6]])
+    paths = import_runs(shared, tmp_path / "results")
+    (record,) = [json.loads(path.read_text()) for path in paths]
+    assert len(list((tmp_path / "results").rglob("*.json"))) == 1  # the part alone is gone
+    assert (record["steps"], record["value"], record["wall_time_s"]) == (400, 0.6, 210.0)
+    assert [part["steps"] for part in record["source"]["parts"]] == [[0, 200], [200, 400]]
+    assert record["curves"]["test/acc"] == [[100, 0.41], [200, 0.5]]
+    # a continuation that does not start where the first part stopped is refused
+    _write_csv(second / "metrics.csv", header, rows)
+    with pytest.raises(ValueError, match=r"states steps 200 to 400, but .* from step 299"):
+        import_runs(shared, tmp_path / "other")
 
 
 def test_committed_results_md_cells_are_the_committed_records():
     """Each RESULTS.md cell with runs is the numpy mean over seeds of the committed records
-    (complete runs when any, else the partial ones; per seed the run with the most steps)."""
+    (complete runs when any, else the partial ones, then without a diff; per seed the run
+    with the most steps)."""
     markdown = (REPO_ROOT / "RESULTS.md").read_text()
     records = list(load_records(REPO_ROOT / "results").values())
     assert records, "results/ holds no record"
@@ -257,13 +344,14 @@ def test_committed_results_md_cells_are_the_committed_records():
         if len(per_seed) > 1:
             shown += f" ± {float(np.std(list(per_seed.values()), ddof=1)):.{digits}f}"
         paper = table["values"][name][area]
-        row = (
-            f"| {table['rows'][name]} | {shown} | {len(per_seed)} | {paper:.{digits}f} | "
-            f"{mean - paper:+.{digits}f} |"
-        )
+        complete = any(r["complete"] for r in found)
+        diff = f"{mean - paper:+.{digits}f}" if complete else ""
+        row = f"| {table['rows'][name]} | {shown} | {len(per_seed)} | {paper:.{digits}f} | {diff} |"
         assert row in markdown, f"{experiment}: no row {row!r} in RESULTS.md"
-        if not any(r["complete"] for r in found):
+        if not complete:
             assert f"{row} partial: " in markdown
+    complete = sum(r["complete"] for r in records)
+    assert f"{complete} complete, {len(records) - complete} partial, 0 failed" in markdown
 
 
 def test_report_import_writes_records_then_the_markdown(tmp_path):
@@ -283,5 +371,6 @@ def test_report_import_writes_records_then_the_markdown(tmp_path):
         ]
     )
     markdown = out.read_text()
-    assert "| DN* | 0.5000 | 1 | 0.8122 | -0.3122 | partial: 200 of 80000 steps |" in markdown
+    # a partial cell has no diff: 200 steps are not the paper's experiment
+    assert "| DN* | 0.5000 | 1 | 0.8122 |  | partial: 200 of 80000 steps |" in markdown
     assert "| cifar10/dn_star | 0 | partial | test/acc 0.5 | 200 of 80000 |" in markdown
