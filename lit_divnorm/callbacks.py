@@ -6,7 +6,9 @@
   with the random-number-generator states, so ``lit-divnorm fit ... --ckpt_path last``
   continues a killed run from any of its checkpoints and ends with the same weights as an
   uninterrupted run (Lightning stores the position of the project's training loaders,
-  :class:`~datamodules.order.ResumableLoader`, in the same file).
+  :class:`~datamodules.order.ResumableLoader`, in the same file). On SIGINT, SIGTERM or
+  SLURM's SIGUSR1 it saves ``last.ckpt`` at the current step, marks the run ``STOPPED`` and
+  stops it (:mod:`lit_divnorm.stopping`).
 * :class:`NonFiniteDetector` (opt-in) stops training with :class:`NonFiniteError` when the
   loss or a gradient is NaN/inf, naming the global step and the first layer (in execution
   order) whose output went non-finite, instead of training on garbage.
@@ -24,7 +26,9 @@ Enable from the command line:
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +38,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from lit_divnorm.stopping import (
+    STOPPED_MARKER,
+    RunStopped,
+    install_stop_handlers,
+    requeue_slurm_job,
+    stop_requested,
+    write_stopped_marker,
+)
 
 
 def capture_rng_states() -> dict[str, Any]:
@@ -114,15 +127,54 @@ class ResumeCheckpoint(ModelCheckpoint):
         run (``max_steps``) resumed from an ``on_train_epoch_end`` checkpoint counts that
         epoch twice (its next epoch would read another epoch's data order).
         """
+        signum = self._stop_signal(trainer)
         if not self._fitting(trainer) or self._last_global_step_saved == trainer.global_step:
+            if signum is not None:
+                self._stop(trainer, signum)
             return
         every, step = self._every_n_train_steps, trainer.global_step
         at_step = every >= 1 and step % every == 0
         at_end = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
             trainer.max_steps != -1 and step >= trainer.max_steps
         )
-        if at_step or at_end:
+        if at_step or at_end or signum is not None:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if signum is not None:
+            self._stop(trainer, signum)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Install the stop handlers (:mod:`lit_divnorm.stopping`) for a fit."""
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            install_stop_handlers()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A run that starts again (``--ckpt_path last``) is no longer stopped: its
+        ``STOPPED`` marker goes."""
+        super().on_train_start(trainer, pl_module)
+        marker = Path(trainer.log_dir or trainer.default_root_dir) / STOPPED_MARKER
+        if trainer.is_global_zero and marker.is_file():
+            marker.unlink()
+
+    @staticmethod
+    def _stop_signal(trainer: Trainer) -> int | None:
+        """The pending stop request, the same on every rank (reduced over them)."""
+        signum = stop_requested()
+        if trainer.world_size > 1:
+            anyone = trainer.strategy.reduce_boolean_decision(signum is not None, all=False)
+            if anyone and signum is None:
+                signum = signal.SIGTERM  # another rank was signalled
+        return signum
+
+    def _stop(self, trainer: Trainer, signum: int) -> None:
+        """After ``last.ckpt`` at this step: the ``STOPPED`` marker, a SLURM requeue on
+        SIGUSR1, then :class:`~lit_divnorm.stopping.RunStopped`."""
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            write_stopped_marker(run_dir, signum, trainer.global_step)
+            if signum == getattr(signal, "SIGUSR1", None):
+                requeue_slurm_job()
+        raise RunStopped(signum, trainer.global_step, run_dir)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         return None

@@ -50,6 +50,7 @@ from lit_divnorm.runs import (
     next_version,
     run_checkpoints,
 )
+from lit_divnorm.stopping import install_stop_handlers
 
 DEFAULT_SAVE_DIR = "runs"
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # resolved by Lightning or here
@@ -342,6 +343,8 @@ def main(args: list[str] | None = None) -> Any:
     with friendly_errors():
         if argv and argv[0] in TOOL_COMMANDS:
             return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
+        if argv and argv[0] == "fit":
+            install_stop_handlers()  # a signal ends the run resumable (lit_divnorm.stopping)
         return run_cli(args)
 
 

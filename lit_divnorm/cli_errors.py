@@ -23,6 +23,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_divnorm.callbacks import NonFiniteError
+from lit_divnorm.stopping import RunStopped
 
 USAGE_EXIT_CODE = 2
 NON_FINITE_EXIT_CODE = 3
@@ -95,6 +96,9 @@ def friendly_errors() -> Iterator[None]:
         return
     try:
         yield
+    except RunStopped as stopped:  # last.ckpt at the step it stopped, the run STOPPED
+        print(f"lit-divnorm: {stopped}", file=sys.stderr)
+        raise SystemExit(stopped.exit_code) from None
     except SIGTERMException:  # Lightning stops at the next batch and raises SystemExit(None)
         print(
             "lit-divnorm: stopped: received SIGTERM; training ended at a batch boundary. "

@@ -4,9 +4,10 @@ A :class:`Slot` is one place a process runs: a CUDA device (``CUDA_VISIBLE_DEVIC
 it, so the process sees it as ``cuda:0``) or the machine's default device, with a share of the
 CPU cores (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = available cores // number of slots, at
 least 1; torch reads them when it starts). :func:`run_jobs` keeps every slot busy with the next
-waiting :class:`Job` until none is left, and on an interruption (Ctrl-C, an exception) stops
-the processes it started with SIGTERM (Lightning then ends the run at the next step; its last
-checkpoint stays, to be continued).
+waiting :class:`Job` until none is left. On a stop request (a signal its caller recorded) it
+starts nothing more, sends the running processes SIGTERM once and waits for them (each saves
+``last.ckpt`` at its current step and ends STOPPED, :mod:`lit_divnorm.stopping`); on an
+exception (a second Ctrl-C) it sends SIGTERM, waits 60 s, then kills.
 """
 
 from __future__ import annotations
@@ -100,16 +101,36 @@ class Job:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-def run_jobs(jobs: Iterable[Job], slots: list[Slot], poll_seconds: float = 0.2) -> None:
-    """Run ``jobs`` in order, one per free slot, until all have ended."""
+def run_jobs(
+    jobs: Iterable[Job],
+    slots: list[Slot],
+    poll_seconds: float = 0.2,
+    stop_requested: Callable[[], object] | None = None,
+) -> list[Job]:
+    """Run ``jobs`` in order, one per free slot, until all have ended; returns the jobs never
+    started.
+
+    When ``stop_requested()`` turns true (a signal the caller recorded), no job starts any
+    more, the running ones get SIGTERM once (each then stops at its next step, resumable) and
+    this waits for them to end.
+    """
     if not slots:
         raise ValueError("slots must hold at least one Slot")
     waiting = deque(jobs)
     running: dict[int, tuple[subprocess.Popen, Job, Slot, IO[str] | None]] = {}
+    forwarded = False
     try:
         while waiting or running:
+            if stop_requested is not None and stop_requested():
+                if not forwarded:
+                    for process, *_ in running.values():
+                        if process.poll() is None:
+                            process.send_signal(signal.SIGTERM)
+                    forwarded = True
+                if not running:
+                    break
             for slot in slots:
-                if slot.index in running or not waiting:
+                if slot.index in running or not waiting or forwarded:
                     continue
                 job = waiting.popleft()
                 if job.on_start is not None:
@@ -136,6 +157,7 @@ def run_jobs(jobs: Iterable[Job], slots: list[Slot], poll_seconds: float = 0.2) 
                 time.sleep(poll_seconds)
     finally:
         _stop(running)
+    return list(waiting)
 
 
 def _stop(running: dict[int, tuple[subprocess.Popen, Job, Slot, IO[str] | None]]) -> None:

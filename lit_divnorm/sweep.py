@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -66,6 +67,14 @@ from lit_divnorm.runs import (
     next_version,
     run_checkpoints,
     versions,
+)
+from lit_divnorm.stopping import (
+    STOPPED_MARKER,
+    RunStopped,
+    install_stop_handlers,
+    signal_name,
+    stop_requested,
+    write_stopped_marker,
 )
 
 DONE_MARKER = "DONE"
@@ -265,12 +274,19 @@ def run_one(
             "world_size": int(trainer.world_size),
             **environment_facts(trainer.strategy.root_device),
         }
-    except (SIGTERMException, KeyboardInterrupt):
-        raise
-    except BaseException:
+    except RunStopped:
+        raise  # STOPPED, with last.ckpt at the step it stopped
+    except BaseException as error:
+        signum = _stop_signal_of(error)
+        if signum is None:
+            if is_rank_zero():
+                (log_dir / FAILED_MARKER).write_text(traceback.format_exc())
+            raise
+        # stopped before a training step ended (setup, data, evaluation): the checkpoints
+        # it has are the run's; it is continued, not failed
         if is_rank_zero():
-            (log_dir / FAILED_MARKER).write_text(traceback.format_exc())
-        raise
+            write_stopped_marker(log_dir, signum, _saved_step(log_dir))
+        raise RunStopped(signum, _saved_step(log_dir), log_dir) from error
     if trainer.is_global_zero:
         (log_dir / DONE_MARKER).write_text(json.dumps(summary, indent=2))
         if results_dir is not None:
@@ -280,6 +296,24 @@ def run_one(
             except (OSError, ValueError) as error:
                 print(f"[sweep] could not record {log_dir}: {error}", flush=True)
     return summary
+
+
+def _stop_signal_of(error: BaseException) -> int | None:
+    """The signal that ended a run with ``error``: Lightning's SIGTERM exit, a
+    KeyboardInterrupt, or any exit while a stop request is pending; ``None`` for an error."""
+    if isinstance(error, SIGTERMException):
+        return stop_requested() or signal.SIGTERM
+    if isinstance(error, KeyboardInterrupt):
+        return signal.SIGINT
+    if isinstance(error, SystemExit):
+        return stop_requested()
+    return None
+
+
+def _saved_step(log_dir: Path) -> int:
+    """The step of the newest checkpoint of ``log_dir`` (0 without one)."""
+    latest = newest(run_checkpoints(log_dir))
+    return checkpoint_step(latest) if latest is not None else 0
 
 
 def plan(
@@ -322,8 +356,17 @@ def plan(
 
 def _finished_line(run: SweepRun, count: str) -> str:
     """``[sweep] [2/6] done cifar10/dn_star seed 0: test/acc 0.8077, 6 steps, 0.2 min (dir)``."""
+    if run.status == "stopped":
+        stopped = json.loads((run.log_dir / STOPPED_MARKER).read_text())
+        return (
+            f"[sweep] [{count}] STOPPED {run.label} by {stopped['signal']} at step "
+            f"{stopped['step']} (last.ckpt kept; the same sweep continues it)"
+        )
     if run.status != "done":
-        return f"[sweep] [{count}] FAILED {run.label} (see {run.log_dir / FAILED_MARKER})"
+        why = run.log_dir / FAILED_MARKER
+        return f"[sweep] [{count}] FAILED {run.label} (" + (
+            f"see {why})" if why.is_file() else "no FAILED marker: the process ended early)"
+        )
     from lit_divnorm.results import metric_of
 
     summary = json.loads((run.log_dir / DONE_MARKER).read_text())
@@ -409,7 +452,11 @@ def sweep(
             )
         return runs
     if in_process:
+        install_stop_handlers()
         for number, run in enumerate(todo, 1):
+            if stop_requested() is not None:
+                run.status = "not started"
+                continue
             try:
                 run_one(
                     run.config,
@@ -419,6 +466,8 @@ def sweep(
                     results_dir=results_dir,
                 )
                 run.status = "done"
+            except RunStopped:
+                run.status = "stopped"
             except Exception as error:  # a failing run must not stop the others
                 print(f"[sweep] {run.label}: {type(error).__name__}: {error}", flush=True)
                 run.status = "failed"
@@ -468,14 +517,20 @@ def _run_as_processes(
             nonlocal finished
             finished += 1
             done = code == 0 and (run.log_dir / DONE_MARKER).is_file()
-            run.status = "done" if done else "failed"
+            stopped = not done and (run.log_dir / STOPPED_MARKER).is_file()
+            run.status = "done" if done else "stopped" if stopped else "failed"
             line = _finished_line(run, f"{finished}/{len(todo)}")
             print(line + ("" if done else f" (exit code {code})"), flush=True)
 
         log_file = run.log_dir / SWEEP_LOG if len(slots) > 1 else None
         return Job(command(run), on_exit, log_file=log_file, on_start=on_start)
 
-    run_jobs([job(run) for run in todo], slots)
+    jobs = [job(run) for run in todo]
+    install_stop_handlers()
+    never = run_jobs(jobs, slots, stop_requested=stop_requested)
+    for run, job_ in zip(todo, jobs):
+        if any(job_ is other for other in never):
+            run.status = "not started"
 
 
 def time_runs(
@@ -701,13 +756,18 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
     if options.run_one:
         if not options.log_dir:
             parser.error("--run-one needs --log-dir")
-        run_one(
-            options.run_one,
-            options.log_dir,
-            overrides,
-            experiment=options.experiment,
-            results_dir=results_dir,
-        )
+        install_stop_handlers()
+        try:
+            run_one(
+                options.run_one,
+                options.log_dir,
+                overrides,
+                experiment=options.experiment,
+                results_dir=results_dir,
+            )
+        except RunStopped as stopped:
+            print(f"[sweep] {stopped}", flush=True)
+            sys.exit(stopped.exit_code)
         return None
     if not options.config_dir:
         parser.error("the config folder (CONFIG_DIR) is required")
@@ -758,11 +818,21 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
         )
     except ValueError as error:
         parser.error(str(error))
-    counts = {s: sum(r.status == s for r in runs) for s in ("done", "skipped", "planned")}
-    failed = [r for r in runs if r.status == "failed"]
-    summary = f"{counts['done']} done, {counts['skipped']} skipped, {len(failed)} failed"
-    print(f"[sweep] {summary}" + (f", {counts['planned']} planned" if options.dry_run else ""))
-    if failed and options.only:
+    states = ("done", "skipped", "failed", "stopped", "not started", "planned")
+    counts = {state: sum(r.status == state for r in runs) for state in states}
+    shown = [f"{counts[state]} {state}" for state in states[:3]]
+    shown += [f"{counts[state]} {state}" for state in states[3:5] if counts[state]]
+    if options.dry_run:
+        shown.append(f"{counts['planned']} planned")
+    print(f"[sweep] {', '.join(shown)}", flush=True)
+    signum = stop_requested()
+    if signum is not None:
+        print(
+            f"[sweep] stopped by {signal_name(signum)}: run the same command to continue",
+            flush=True,
+        )
+        sys.exit(128 + int(signum))
+    if counts["failed"] and options.only:
         sys.exit(1)
     return runs
 

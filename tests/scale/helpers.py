@@ -31,9 +31,35 @@ class PauseAt(Callback):
     def on_train_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step != self.step:
             return
+        from lit_divnorm.stopping import stop_requested
+
         self.marker.write_text(str(trainer.global_step))
         deadline = time.monotonic() + self.seconds
         while time.monotonic() < deadline and not trainer.received_sigterm:
+            if stop_requested() is not None:
+                break
+            time.sleep(0.02)
+
+
+class WaitForStop(Callback):
+    """With ``$LIT_DIVNORM_TEST_PAUSE`` set to a folder: after optimizer step ``step``, write
+    ``<folder>/<run folder name>.paused`` and wait (up to ``seconds``) for a stop request
+    (:mod:`lit_divnorm.stopping`), so a test can signal a run at a known step. Without the
+    variable it does nothing, so the same config also makes the uninterrupted reference."""
+
+    def __init__(self, step: int, seconds: float = 120.0) -> None:
+        self.step = step
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        from lit_divnorm.stopping import stop_requested
+
+        folder = os.environ.get("LIT_DIVNORM_TEST_PAUSE")
+        if not folder or trainer.global_step != self.step:
+            return
+        Path(folder, Path(trainer.log_dir).name + ".paused").write_text(str(self.step))
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline and stop_requested() is None:
             time.sleep(0.02)
 
 

@@ -7,7 +7,8 @@ dropout 0.5, ``resnet`` preprocessing (random crops and flips), so the data orde
 augmentation and the dropout masks all depend on the restored state; the killed and resumed
 runs read the data with 2 worker processes, the uninterrupted one in the main process.
 ``ResumeCheckpoint(every_n_train_steps=3)`` saves at steps 3, 6, 9, 12 and at every epoch end
-(4, 8, 12); the killed runs stop after step 7, so ``last.ckpt`` is step 6, inside epoch 1.
+(4, 8, 12); the killed runs stop after step 7, so ``last.ckpt`` is step 6, inside epoch 1
+(SIGKILL), or step 7 itself (SIGTERM: the run saves where it stops).
 
 PTB: a tiny corpus, 4 streams, bptt 5 (11 windows an epoch), 2 epochs, an LSTM whose hidden
 state is carried from window to window; checkpoints every 4 steps, killed at step 6 (last
@@ -162,13 +163,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setting, signum, capsys)
     resumed = _kill_and_resume(tmp, data, run, signum, capsys)
     if signum == signal.SIGKILL:
         assert resumed["returncode"] == -signal.SIGKILL
-    else:  # Lightning stops at the batch boundary; the CLI says so and exits 128 + 15
+        # the killed run's last checkpoint is step 6, inside epoch 1 (steps 5-8), not step 7
+        step = 6
+    else:  # the step ends, last.ckpt is saved at it; the CLI says so and exits 128 + 15
         assert resumed["returncode"] == 143
-        assert "received SIGTERM" in resumed["stderr"] and "--ckpt_path last" in resumed["stderr"]
-    # the killed run's last checkpoint is step 6, inside epoch 1 (steps 5-8), not step 7
-    assert (resumed["killed_step"], resumed["killed_epoch"]) == (6, 1)
+        assert "stopped by SIGTERM at step 7" in resumed["stderr"]
+        assert "--ckpt_path last" in resumed["stderr"]
+        step = KILL_AFTER_STEP  # the step it stopped at, inside epoch 1 (steps 5-8)
+    assert (resumed["killed_step"], resumed["killed_epoch"]) == (step, 1)
     assert resumed["said"] == [
-        f"lit-divnorm: resuming from {tmp / run / 'ckpt' / 'last.ckpt'} (step 6)"
+        f"lit-divnorm: resuming from {tmp / run / 'ckpt' / 'last.ckpt'} (step {step})"
     ]
     _assert_same_end(resumed, whole)
 
