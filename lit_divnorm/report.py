@@ -313,7 +313,8 @@ def fill_cell(cell: Cell, results: list[Result], metric: str) -> Cell:
 
 def _one_identity(cell: Cell, results: list[Result]) -> list[Result]:
     """The runs of the one experiment identity (``config_sha256``: resolved config, schedule,
-    global batch) with the most seeds among ``results``; the others are never averaged in,
+    global batch) with the most seeds among ``results`` (then the most runs, then the most
+    steps); the others are never averaged in,
     and a note on ``cell`` says how many there are and how they differ."""
     groups: dict[str, list[Result]] = {}
     for result in results:
@@ -321,7 +322,7 @@ def _one_identity(cell: Cell, results: list[Result]) -> list[Result]:
     if len(groups) < 2:
         return results
     ranked = sorted(
-        groups.values(), key=lambda g: (len({r.seed for r in g}), max(r.steps for r in g))
+        groups.values(), key=lambda g: (len({r.seed for r in g}), len(g), max(r.steps for r in g))
     )
     kept = ranked[-1]
     for other in ranked[:-1]:

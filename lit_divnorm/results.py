@@ -153,12 +153,15 @@ def _init_args(part: Any) -> dict[str, Any]:
     return part["init_args"] if isinstance(part.get("init_args"), dict) else part
 
 
-def batch_facts(config: dict[str, Any], world_size: int | None = None) -> dict[str, Any]:
+def batch_facts(
+    config: dict[str, Any], world_size: int | None = None, per_device: int | None = None
+) -> dict[str, Any]:
     """The effective batch of a run: ``world_size`` (processes: given, else ``num_nodes`` x
     ``devices`` when the config fixes them, ``None`` when it does not: ``devices: auto`` on a
     machine not known), ``devices``, ``num_nodes``, ``accumulate_grad_batches``,
-    ``per_device`` (the data's ``batch_size``) and ``global`` = per_device x world_size x
-    accumulate_grad_batches."""
+    ``per_device`` (given: what the run trained on, e.g. after
+    :class:`~lit_divnorm.global_batch.GlobalBatch` divided it; else the data's ``batch_size``)
+    and ``global`` = per_device x world_size x accumulate_grad_batches."""
     trainer = config.get("trainer") or {}
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
     if world_size is None:
@@ -171,7 +174,8 @@ def batch_facts(config: dict[str, Any], world_size: int | None = None) -> dict[s
         elif trainer.get("accelerator") == "cpu":
             world_size = nodes  # Lightning's CPU accelerator runs one process per node
     accumulate = trainer.get("accumulate_grad_batches") or 1
-    per_device = _init_args(config.get("data")).get("batch_size")
+    if per_device is None:
+        per_device = _init_args(config.get("data")).get("batch_size")
     per_device = per_device if isinstance(per_device, int) else None
     known = world_size is not None and per_device is not None
     return {
@@ -409,7 +413,7 @@ def build_record(
         schedule = schedule_steps(config.get("trainer") or {}, per_epoch)
     seed = summary.get("seed", config.get("seed_everything"))
     seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
-    batch = batch_facts(config, summary.get("world_size"))
+    batch = batch_facts(config, summary.get("world_size"), summary.get("per_device_batch"))
     overrides = summary.get("overrides", [])
     return {
         "schema": SCHEMA,

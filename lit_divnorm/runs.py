@@ -8,7 +8,7 @@ Every run of ``lit-divnorm fit --config configs/<area>/<name>.yaml`` logs into::
 nearest ancestor named ``configs``, e.g. ``cifar10``, ``ptb/lstm``, ``sr/x3``), whatever
 trainer file is added. A new run takes the next free ``N``; ``--ckpt_path last`` continues the
 latest version that holds a checkpoint, in its own folder; a named version
-(``--trainer.logger.init_args.version=$SLURM_JOB_NAME``) is that folder. ``test``,
+(``--trainer.logger.init_args.version=slurm_$SLURM_JOB_ID``) is that folder. ``test``,
 ``validate`` and ``predict`` log into ``<area>/<name>/<subcommand>_<N>/``. Nothing here
 deletes a file: a fresh run never starts in a folder that holds another run's files, and
 :class:`RunCSVLogger` keeps the rows of a resumed run's ``metrics.csv`` (Lightning's

@@ -272,6 +272,7 @@ def run_one(
             "curves": curves,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "world_size": int(trainer.world_size),
+            "per_device_batch": getattr(cli.datamodule, "batch_size", None),
             **environment_facts(trainer.strategy.root_device),
         }
     except RunStopped:

@@ -82,3 +82,36 @@ def test_gpu_files_run(name, tmp_path):
     cli = _fast_dev_run(name, tmp_path)
     assert cli.trainer.global_step == 1
     assert next(cli.model.parameters()).device.type == "cuda"
+
+
+def _experiment_configs() -> list:
+    root = REPO_ROOT / "configs"
+    return [
+        path
+        for path in sorted(root.rglob("*.yaml"))
+        if not any(part.startswith("_") for part in path.relative_to(root).parts)
+        and path.relative_to(root).parts[0] != "trainer"
+    ]
+
+
+def test_every_experiment_config_runs_on_one_device():
+    """No config inherits "every GPU of the node": each names devices 1 (its trainer fragment
+    does), so a plain fit on an 8-GPU node trains on the paper's batch, not 8 times it."""
+    configs = _experiment_configs()
+    assert len(configs) > 60
+    for path in configs:
+        trainer = yaml.safe_load(path.read_text())["trainer"]
+        if isinstance(trainer, str):
+            trainer = yaml.safe_load((path.parent / trainer).read_text())
+        assert trainer.get("devices") == 1, f"{path}: devices {trainer.get('devices')!r}"
+
+
+@pytest.mark.parametrize("name", ["ddp", "slurm"])
+def test_multi_device_files_keep_the_global_batch(name):
+    trainer = yaml.safe_load(open(_trainer_file(name)))
+    callbacks = [callback["class_path"] for callback in trainer["callbacks"]]
+    assert "lit_divnorm.global_batch.GlobalBatch" in callbacks
+    # the example in slurm.yaml: 2 nodes x 2 GPUs divide CIFAR's 100 and PTB's 20
+    if name == "slurm":
+        processes = trainer["devices"] * trainer["num_nodes"]
+        assert 100 % processes == 0 and 20 % processes == 0
