@@ -18,6 +18,7 @@ that there was none and training starts at step 0. Every checkpoint is read weig
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from lightning.pytorch.plugins.layer_sync import LayerSync
 from lit_divnorm.checkpoint import (
     AtomicCheckpointIO,
     CheckpointMismatchError,
+    atomic_write_text,
     load_checkpoint_safely,
 )
 from lit_divnorm.cli_errors import friendly_errors
@@ -40,6 +42,7 @@ from lit_divnorm.distributed import NormSync
 from lit_divnorm.runs import (
     HPC_CHECKPOINT_GLOB,
     RUN_DIR_VARIABLE,
+    TESTED_MARKER,
     RunCSVLogger,
     checkpoint_step,
     experiment_name,
@@ -252,6 +255,62 @@ class DivNormCLI(LightningCLI):
         _say(f"{action} {chosen} (step {step})")
         self._last = (str(chosen), step)
         return str(chosen)
+
+    def after_test(self) -> None:
+        """Link a test to the fit run it tested: when the checkpoint lies in a run folder,
+        write ``<run>/TESTED`` (JSON: the test metrics, the checkpoint and its step, the
+        config's own schedule, the test's log folder, the machine), so that ``lit-divnorm
+        report runs/`` shows the run's cell (:func:`lit_divnorm.results.build_record`)."""
+        trainer = self.trainer
+        ckpt_path = trainer.ckpt_path
+        if not ckpt_path or not trainer.is_global_zero:
+            return
+        configs = self.config["test"].get("config") or []
+        if not configs:
+            return
+        config_file = Path(os.fspath(configs[0]))
+        experiment = experiment_name(config_file)
+        run_dir = _run_of_checkpoint(Path(ckpt_path), self._experiment_dir(experiment))
+        if run_dir is None:
+            return
+        from lit_divnorm.results import (
+            environment_facts,
+            read_metric_rows,
+            resolved_config,
+            schedule_steps,
+            training_progress,
+        )
+
+        steps, epochs = training_progress(read_metric_rows(run_dir / "metrics.csv"))
+        per_epoch = steps // epochs if epochs and steps % epochs == 0 else None
+        try:
+            schedule = schedule_steps(resolved_config(config_file)["trainer"], per_epoch)
+        except ValueError:
+            schedule = None
+        seed = self.config["test"].get("seed_everything")
+        summary = {
+            "experiment": experiment,
+            "config": str(config_file.resolve()),
+            "overrides": [],
+            "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+            "global_step": checkpoint_step(ckpt_path),
+            "steps_per_epoch": per_epoch,
+            "schedule_steps": schedule,
+            "tested_checkpoint": str(ckpt_path),
+            "test_dir": str(self._run_dir) if self._run_dir else None,
+            "test_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "world_size": int(trainer.world_size),
+            "per_device_batch": getattr(self.datamodule, "batch_size", None),
+            **environment_facts(trainer.strategy.root_device),
+        }
+        atomic_write_text(run_dir / TESTED_MARKER, json.dumps(summary, indent=2) + "\n")
+        _say(f"test linked to its fit run: {run_dir / TESTED_MARKER}")
+
+    def _experiment_dir(self, experiment: str) -> Path:
+        """``<save_dir>/<experiment>`` of this command's logger (``runs/<experiment>``)."""
+        if self._run_dir is not None:
+            return self._run_dir.parent
+        return Path(DEFAULT_SAVE_DIR) / experiment
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if "plugins" not in kwargs:

@@ -62,8 +62,14 @@ from lit_divnorm.results import (
     schedule_steps,
     training_progress,
 )
-from lit_divnorm.runs import is_run_folder, run_folders
-from lit_divnorm.sweep import DONE_MARKER, FAILED_MARKER
+from lit_divnorm.runs import (
+    DONE_MARKER,
+    FAILED_MARKER,
+    TESTED_MARKER,
+    is_run_folder,
+    run_checkpoints,
+    run_folders,
+)
 
 Series = list[tuple[int, float]]
 DEFAULT_RESULTS = "results"
@@ -168,6 +174,15 @@ def _unfinished(log_dir: Path, experiment: str) -> Result:
     )
 
 
+def _started(log_dir: Path) -> bool:
+    """Whether a folder without a final marker is a run: it failed (``FAILED``), trained a
+    step or holds a checkpoint. The empty folder of a start that failed before its first
+    step (a config error) is not a run."""
+    if (log_dir / FAILED_MARKER).is_file() or run_checkpoints(log_dir):
+        return True
+    return training_progress(read_metric_rows(log_dir / "metrics.csv"))[0] > 0
+
+
 def read_run_folders(runs_dir: str | Path) -> list[Result]:
     """Every run folder under ``runs_dir`` as a :class:`Result` (see the module docstring)."""
     runs_dir = Path(runs_dir)
@@ -180,10 +195,10 @@ def read_run_folders(runs_dir: str | Path) -> list[Result]:
         if "/" not in experiment:
             continue  # a run folder directly below runs_dir names no experiment
         for log_dir in run_folders(root):
-            if (log_dir / DONE_MARKER).is_file():
+            if (log_dir / DONE_MARKER).is_file() or (log_dir / TESTED_MARKER).is_file():
                 record = build_record(log_dir, experiment, kind="run folder")
                 found.append(_from_record(record, None, log_dir))
-            else:
+            elif _started(log_dir):
                 found.append(_unfinished(log_dir, experiment))
     return found
 

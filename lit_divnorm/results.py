@@ -53,6 +53,7 @@ import yaml
 
 from lit_divnorm.checkpoint import atomic_write_text
 from lit_divnorm.paper_results import PAPER_TABLES
+from lit_divnorm.runs import DONE_MARKER, TESTED_MARKER
 
 SCHEMA = 2
 RECORD_FIELDS = (
@@ -203,6 +204,71 @@ def config_hash(
     identity["global_batch"] = global_batch
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model.init_args.norm": ..., ...}``: the leaves of nested dicts by dotted path."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def row_problem(
+    record: dict[str, Any], own_config: dict[str, Any], allow_partial: bool = False
+) -> str | None:
+    """Why a run's ``record`` is not a row of its experiment config (``own_config``: the config
+    file resolved alone, no overrides), ``None`` when it is.
+
+    A row runs the config's own model, data and trainer settings at its own global batch
+    (one process at ``data.batch_size``, or :class:`~lit_divnorm.global_batch.GlobalBatch`
+    over several) for its own schedule. A run stopped early by a shorter ``max_steps`` or
+    ``max_epochs`` (a smoke run) is a row only with ``allow_partial`` (the user marked it
+    partial); a run of a longer schedule never is.
+    """
+    own = normalized_config(own_config)
+    ran = record["config"]
+    own_trainer, ran_trainer = own["trainer"], ran.get("trainer") or {}
+    own_flat = _flat({k: v for k, v in own.items() if k != "trainer"})
+    ran_flat = _flat({k: v for k, v in ran.items() if k != "trainer"})
+    for key in TRAINER_KEYS:
+        if key not in SCHEDULE_KEYS:
+            own_flat[f"trainer.{key}"] = own_trainer.get(key)
+            ran_flat[f"trainer.{key}"] = ran_trainer.get(key)
+    changed = sorted(
+        k for k in own_flat.keys() | ran_flat.keys() if own_flat.get(k) != ran_flat.get(k)
+    )
+    if changed:
+        shown = ", ".join(
+            f"{k} {ran_flat.get(k)!r} (config: {own_flat.get(k)!r})" for k in changed[:4]
+        )
+        return f"its settings differ from the config's: {shown}"
+    own_global = batch_facts(own_config, 1 if _devices_unset(own_config) else None)["global"]
+    ran_global = (record.get("batch") or {}).get("global")
+    if own_global is not None and ran_global != own_global:
+        return f"its global batch is {ran_global}, the config's {own_global}"
+    schedule = record["schedule_steps"]
+    ran_schedule = schedule_steps(ran_trainer, _steps_per_epoch(record))
+    if schedule is not None and ran_schedule is not None and ran_schedule > schedule:
+        return f"it ran a longer schedule ({ran_schedule} steps) than the config's {schedule}"
+    if not record["complete"] and not allow_partial:
+        return (
+            f"it ran {record['steps']} of the config's {schedule} steps (a smoke run or a run "
+            "stopped early; mark a partial row on purpose with sweep --partial)"
+        )
+    return None
+
+
+def _devices_unset(config: dict[str, Any]) -> bool:
+    devices = (config.get("trainer") or {}).get("devices")
+    return devices in (None, "auto")
+
+
+def _steps_per_epoch(record: dict[str, Any]) -> int | None:
+    per_epoch = (record.get("source") or {}).get("steps_per_epoch")
+    return per_epoch if isinstance(per_epoch, int) else None
 
 
 def file_sha256(*paths: Path) -> str:
@@ -378,19 +444,23 @@ def build_record(
     log_dir: str | Path, experiment: str | None = None, kind: str = "sweep"
 ) -> dict[str, Any]:
     """The record of a finished run from its folder: the ``DONE`` summary that
-    :func:`lit_divnorm.sweep.run_one` wrote, ``config.yaml`` and ``metrics.csv``.
+    :func:`lit_divnorm.sweep.run_one` wrote (else the ``TESTED`` summary that ``lit-divnorm
+    test`` wrote into the fit run it tested), ``config.yaml`` and ``metrics.csv``.
 
     A summary without a field (one written by an older sweep) is completed from the files:
     the seed from ``config.yaml``, the steps from ``metrics.csv``, the schedule from the
     run's own ``config.yaml`` (what it was asked to run); ``experiment`` names it when the
     summary does not. Facts no file holds (device, versions, commit) stay ``None``.
     """
-    from lit_divnorm.sweep import DONE_MARKER
-
     log_dir = Path(log_dir)
     done = log_dir / DONE_MARKER
     if not done.is_file():
-        raise ValueError(f"log_dir {str(log_dir)!r} holds no {DONE_MARKER} marker: not finished")
+        done = log_dir / TESTED_MARKER  # a plain fit, then `lit-divnorm test` of its weights
+    if not done.is_file():
+        raise ValueError(
+            f"log_dir {str(log_dir)!r} holds no {DONE_MARKER} or {TESTED_MARKER} marker: "
+            "not finished and tested"
+        )
     summary = json.loads(done.read_text())
     experiment = summary.get("experiment") or experiment
     if not experiment:
@@ -445,6 +515,7 @@ def build_record(
             "run_dir": str(log_dir.resolve()),
             "metrics_sha256": file_sha256(metrics_file),
             "resumed_from_step": summary.get("resumed_from_step", 0),
+            "steps_per_epoch": summary.get("steps_per_epoch"),
         },
     }
 

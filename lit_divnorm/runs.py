@@ -30,10 +30,15 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from lit_divnorm.checkpoint import atomic_write_text, load_checkpoint_safely
+from lit_divnorm.stopping import STOPPED_MARKER
 
 VERSION_PATTERN = re.compile(r"^version_(\d+)$")
 EVALUATION_PATTERN = re.compile(r"^(test|validate|predict)_\d+$")  # logs of evaluation commands
-RUN_FILES = ("metrics.csv", "DONE", "FAILED")  # a folder holding one of these is a run
+DONE_MARKER = "DONE"  # a sweep's run that fitted and tested (JSON summary)
+FAILED_MARKER = "FAILED"  # a run that raised (the traceback)
+TESTED_MARKER = "TESTED"  # a fit run whose final checkpoint `lit-divnorm test` tested (JSON)
+SWEEP_MARKER = "SWEEP"  # a folder the sweep created: the only ones it continues
+RUN_FILES = ("metrics.csv", DONE_MARKER, FAILED_MARKER, STOPPED_MARKER, TESTED_MARKER)
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"  # Lightning's SLURM requeue checkpoints
 SUPERSEDED_METRICS = "metrics.superseded.csv"

@@ -56,8 +56,12 @@ from typing import Any
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_divnorm.checkpoint import atomic_write_text
 from lit_divnorm.parallel import Job, Slot, make_slots, run_jobs
 from lit_divnorm.runs import (
+    DONE_MARKER,
+    FAILED_MARKER,
+    SWEEP_MARKER,
     RunCSVLogger,
     checkpoint_step,
     experiment_area,
@@ -77,8 +81,7 @@ from lit_divnorm.stopping import (
     write_stopped_marker,
 )
 
-DONE_MARKER = "DONE"
-FAILED_MARKER = "FAILED"
+LOCAL_RECORD = "record.json"  # the record of a run that is no row of its config
 SWEEP_LOG = "sweep.log"  # a run's output when several run at a time
 MAX_SEED = 2**32 - 1  # seed_everything's range
 
@@ -155,6 +158,12 @@ def area_of(config: Path, config_dir: Path) -> str:
     return experiment_area(config, Path(config_dir).resolve().parent)
 
 
+def owned(run_dir: Path) -> bool:
+    """Whether the sweep made ``run_dir``: its ``SWEEP`` marker (or the ``DONE`` only the
+    sweep writes). A user's own ``fit`` folder is never continued or counted by a sweep."""
+    return (run_dir / SWEEP_MARKER).is_file() or (run_dir / DONE_MARKER).is_file()
+
+
 def finished_version(run_root: Path, prefix: str = "version") -> Path | None:
     """The latest ``<prefix>_<N>`` version with a ``DONE`` marker, or ``None``."""
     done = [v for v in versions(run_root, prefix) if (v / DONE_MARKER).is_file()]
@@ -162,9 +171,9 @@ def finished_version(run_root: Path, prefix: str = "version") -> Path | None:
 
 
 def stopped_version(run_root: Path, prefix: str = "version") -> Path | None:
-    """The latest ``<prefix>_<N>`` version if it was stopped without failing (no ``DONE``, no
-    ``FAILED``) and holds a checkpoint to continue from, else ``None``."""
-    found = versions(run_root, prefix)
+    """The latest ``<prefix>_<N>`` version the sweep made if it was stopped without failing
+    (no ``DONE``, no ``FAILED``) and holds a checkpoint to continue from, else ``None``."""
+    found = [version for version in versions(run_root, prefix) if owned(version)]
     if not found:
         return None
     latest = found[-1]
@@ -212,6 +221,7 @@ def run_one(
     *,
     experiment: str | None = None,
     results_dir: str | Path | None = None,
+    partial: bool = False,
 ) -> dict:
     """Fit then test one config in this process, logging into ``log_dir``.
 
@@ -219,24 +229,27 @@ def run_one(
     continued. Writes ``log_dir/DONE`` (JSON summary, also returned: the experiment, seed,
     steps and the config's own schedule, test metrics, the test/val curves logged during
     training, wall time, device, threads, package versions, git commit, the command) when
-    both end normally, and with ``results_dir`` the run's record there
-    (:func:`lit_divnorm.results.write_record`); ``log_dir/FAILED`` (the traceback) when
-    anything raises, except a stop by SIGTERM or Ctrl-C (the run can be continued); the
-    exception propagates. Under a distributed launch only rank 0 writes.
+    both end normally, and with ``results_dir`` the run's record there when it is a row of
+    its config (:func:`lit_divnorm.results.row_problem`; ``partial`` admits a run stopped
+    early on purpose), else in ``log_dir/record.json`` with a line saying why;
+    ``log_dir/FAILED`` (the traceback) when anything raises, except a stop by a signal
+    (``STOPPED``, :mod:`lit_divnorm.stopping`: the run can be continued); the exception
+    propagates. Under a distributed launch only rank 0 writes.
     """
     from lit_divnorm.cli import run_cli
     from lit_divnorm.results import (
-        build_record,
         curves_of,
         environment_facts,
         metric_of,
         read_metric_rows,
-        write_record,
     )
 
     config, log_dir = Path(config), Path(log_dir)
     experiment = experiment or experiment_name(config)
     log_dir.mkdir(parents=True, exist_ok=True)
+    if is_rank_zero() and not (log_dir / SWEEP_MARKER).is_file():
+        made = {"config": str(config.resolve()), "overrides": list(overrides), "time": time.time()}
+        atomic_write_text(log_dir / SWEEP_MARKER, json.dumps(made) + "\n")
     started = time.time()
     try:
         args = ["fit", "--config", str(config), *overrides, logger_override(log_dir)]
@@ -292,11 +305,42 @@ def run_one(
         (log_dir / DONE_MARKER).write_text(json.dumps(summary, indent=2))
         if results_dir is not None:
             try:  # the run is done either way; the next sweep writes a missing record
-                path = write_record(build_record(log_dir), results_dir)
-                print(f"[sweep] recorded {path}", flush=True)
+                file_record(log_dir, experiment, config, results_dir, partial)
             except (OSError, ValueError) as error:
                 print(f"[sweep] could not record {log_dir}: {error}", flush=True)
     return summary
+
+
+def file_record(
+    log_dir: Path,
+    experiment: str,
+    config: Path,
+    results_dir: str | Path,
+    partial: bool = False,
+) -> Path:
+    """Write the record of the finished run ``log_dir``: into ``results_dir`` when it is a row
+    of ``config`` (:func:`~lit_divnorm.results.row_problem`), else beside the run as
+    ``log_dir/record.json``, saying why on one line; returns where it went."""
+    from lit_divnorm.results import build_record, resolved_config, row_problem, write_record
+
+    record = build_record(log_dir, experiment)
+    try:
+        problem = row_problem(record, resolved_config(config), partial)
+    except ValueError as error:
+        problem = f"its config could not be resolved alone ({error})"
+    if problem is None:
+        (log_dir / LOCAL_RECORD).unlink(missing_ok=True)  # of an earlier, shorter part
+        path = write_record(record, results_dir)
+        print(f"[sweep] recorded {path}", flush=True)
+        return path
+    path = log_dir / LOCAL_RECORD
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    print(
+        f"[sweep] not recorded in {results_dir}: {problem}; the record stays in {path} "
+        f"(lit-divnorm report {log_dir.parent.parent.parent} shows it)",
+        flush=True,
+    )
+    return path
 
 
 def _stop_signal_of(error: BaseException) -> int | None:
@@ -381,12 +425,12 @@ def _finished_line(run: SweepRun, count: str) -> str:
     )
 
 
-def _record_finished(run: SweepRun, results_dir: str | Path | None) -> None:
+def _record_finished(run: SweepRun, results_dir: str | Path | None, partial: bool) -> None:
     """Write the record of a finished run that lacks one (finished before ``--results-dir``
     was given, or its writing failed); a run without the fields of a record is left out."""
     if results_dir is None:
         return
-    from lit_divnorm.results import build_record, record_path, write_record
+    from lit_divnorm.results import build_record, record_path
 
     try:
         record = build_record(run.log_dir, run.experiment)
@@ -394,7 +438,7 @@ def _record_finished(run: SweepRun, results_dir: str | Path | None) -> None:
         print(f"[sweep] no record for {run.label}: {error}", flush=True)
         return
     if not record_path(record, results_dir).is_file():
-        print(f"[sweep] recorded {write_record(record, results_dir)}", flush=True)
+        file_record(run.log_dir, run.experiment, run.config, results_dir, partial)
 
 
 def _check_overrides(overrides: list[str] | tuple, seeds: list[int] | None) -> None:
@@ -420,9 +464,12 @@ def sweep(
     dry_run_warmup: int = 2,
     only: str | Path | list[str | Path] | None = None,
     results_dir: str | Path | None = "results",
+    partial: bool = False,
 ) -> list[SweepRun]:
     """Run every (config, seed) of ``config_dir`` that has not finished yet, ``parallel`` at
-    a time per device (see the module docstring); returns them with their status."""
+    a time per device (see the module docstring); returns them with their status. Records go
+    to ``results_dir`` only for runs of each config's own settings and schedule (``partial``
+    also admits runs stopped early by an override); the others stay in their run folder."""
     seeds = check_seeds(seeds)
     _check_overrides(overrides, seeds)
     slots = make_slots(parallel, devices, threads=threads)
@@ -438,7 +485,7 @@ def sweep(
         if run.status == "skipped":
             print(f"[sweep] skip {run.label} (finished: {run.log_dir})", flush=True)
             if not dry_run:
-                _record_finished(run, results_dir)
+                _record_finished(run, results_dir, partial)
         else:
             verb = "continue" if run.resume else "run"
             print(f"[sweep] {'would ' if dry_run else ''}{verb} {run.label} -> {run.log_dir}")
@@ -465,6 +512,7 @@ def sweep(
                     [*overrides, *seed_override(run.seed)],
                     experiment=run.experiment,
                     results_dir=results_dir,
+                    partial=partial,
                 )
                 run.status = "done"
             except RunStopped:
@@ -474,7 +522,7 @@ def sweep(
                 run.status = "failed"
             print(_finished_line(run, f"{number}/{len(todo)}"), flush=True)
         return runs
-    _run_as_processes(todo, overrides, slots, results_dir)
+    _run_as_processes(todo, overrides, slots, results_dir, partial)
     return runs
 
 
@@ -498,7 +546,11 @@ def _check_devices(devices: list[str] | tuple | None) -> None:
 
 
 def _run_as_processes(
-    todo: list[SweepRun], overrides: list[str] | tuple, slots: list[Slot], results_dir: Any
+    todo: list[SweepRun],
+    overrides: list[str] | tuple,
+    slots: list[Slot],
+    results_dir: Any,
+    partial: bool,
 ) -> None:
     finished = 0
 
@@ -507,6 +559,7 @@ def _run_as_processes(
         command += ["--log-dir", str(run.log_dir), "--experiment", run.experiment]
         if results_dir is not None:
             command += ["--results-dir", str(results_dir)]
+        command += ["--partial"] if partial else []
         return [*command, "--", *overrides, *seed_override(run.seed)]
 
     def job(run: SweepRun) -> Job:
@@ -694,6 +747,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where each finished run's record goes (results); 'none' writes none",
     )
     parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="record runs stopped early by an override (--trainer.max_steps=N) in the results "
+        "folder as partial rows; without it only runs of a config's own schedule go there",
+    )
+    parser.add_argument(
         "--seeds", type=int, nargs="+", metavar="S", help="run each config once per seed"
     )
     parser.add_argument(
@@ -765,6 +824,7 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
                 overrides,
                 experiment=options.experiment,
                 results_dir=results_dir,
+                partial=options.partial,
             )
         except RunStopped as stopped:
             print(f"[sweep] {stopped}", flush=True)
@@ -816,6 +876,7 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
             dry_run_warmup=options.dry_run_warmup,
             only=options.only,
             results_dir=results_dir,
+            partial=options.partial,
         )
     except ValueError as error:
         parser.error(str(error))

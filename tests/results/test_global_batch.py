@@ -46,23 +46,27 @@ def test_two_processes_at_batch_b_are_another_cell_than_one_process_at_b(tmp_pat
     assert kept.returncode == 0, kept.stderr[-3000:]
     assert "global batch 8 = 2 processes x 4" in kept.stdout
 
+    # results/ takes the rows of the config's own global batch 8; the 2 x 8 run stays out
     by_dir = {Path(r["source"]["run_dir"]).name: r for r in load_records(results).values()}
+    assert sorted(by_dir) == ["version_0", "version_2"]
+    assert (
+        "not recorded in" in two.stdout and "its global batch is 16, the config's 8" in two.stdout
+    )
+    local = json.loads((runs / "version_1" / "record.json").read_text())
     batches = {
         name: (r["batch"]["world_size"], r["batch"]["per_device"], r["batch"]["global"])
-        for name, r in by_dir.items()
+        for name, r in {**by_dir, "version_1": local}.items()
     }
     assert batches == {"version_0": (1, 8, 8), "version_1": (2, 8, 16), "version_2": (2, 4, 8)}
-    identity = {name: r["config_sha256"] for name, r in by_dir.items()}
+    identity = {name: r["config_sha256"] for name, r in {**by_dir, "version_1": local}.items()}
     assert identity["version_0"] == identity["version_2"] != identity["version_1"]
 
-    out = write_report(results, (), tmp_path / "R.md", plots=False).read_text()
+    # a report of the run folders sees all three, and never averages 16 with 8
+    out = write_report(None, [tmp_path / "runs"], tmp_path / "R.md", plots=False).read_text()
     (row,) = [line for line in out.splitlines() if line.startswith("| DN* |")]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    # the cell is the global batch 8 (two runs of seed 0: one value); global 16 stays out
-    assert cells[2] == "1" and cells[1] in {f"{by_dir[n]['value']:.4f}" for n in identity}
-    assert cells[1] != f"{by_dir['version_1']['value']:.4f}" or (
-        by_dir["version_1"]["value"] in (by_dir["version_0"]["value"], by_dir["version_2"]["value"])
-    )
+    values = {f"{by_dir[name]['value']:.4f}" for name in by_dir}
+    assert cells[2] == "1" and cells[1] in values  # seed 0 at global batch 8: one value
     assert "1 run(s) of another setting not averaged in (global batch 16 against 8)" in cells[5]
 
     # a process count that does not divide the global batch: refused, nothing trained
