@@ -22,6 +22,7 @@ from lit_divnorm.results import (
     import_runs,
     load_records,
     normalized_config,
+    resolved_config,
 )
 from tests.conftest import REPO_ROOT
 
@@ -374,3 +375,33 @@ def test_report_import_writes_records_then_the_markdown(tmp_path):
     # a partial cell has no diff: 200 steps are not the paper's experiment
     assert "| DN* | 0.5000 | 1 | 0.8122 |  | partial: 200 of 80000 steps |" in markdown
     assert "| cifar10/dn_star | 0 | partial | test/acc 0.5 | 200 of 80000 |" in markdown
+
+
+def test_every_config_keeps_its_identity_when_an_engineering_switch_is_added():
+    """The identity of each repository config (resolved as a run resolves it) is unchanged by
+    the engineering switches a task or datamodule may gain with a default (compile,
+    device_resident, workers, ...), and changed by what changes the experiment: the lr."""
+    root = REPO_ROOT / "configs"
+    configs = [
+        path
+        for path in sorted(root.rglob("*.yaml"))
+        if not any(part.startswith("_") for part in path.relative_to(root).parts)
+        and path.relative_to(root).parts[0] != "trainer"
+    ]
+    assert len(configs) > 60
+    switches = {"compile": False, "device_resident": None, "num_workers": 4, "pin_memory": True}
+    for path in configs:
+        config = resolved_config(path)
+        facts = batch_facts(config)
+        assert facts["world_size"] == 1 and facts["global"], path  # devices: 1 everywhere
+        schedule = config["trainer"]["max_steps"]
+        schedule = schedule if schedule and schedule > 0 else config["trainer"]["max_epochs"]
+        identity = config_hash(config, schedule, facts["global"])
+        switched = json.loads(json.dumps(config))
+        for part in ("model", "data"):
+            switched[part]["init_args"].update(switches)
+        assert config_hash(switched, schedule, facts["global"]) == identity, path
+        optimizer = switched["model"]["init_args"].get("optimizer") or {}
+        if isinstance(optimizer, dict) and "lr" in (optimizer.get("init_args") or {}):
+            optimizer["init_args"]["lr"] *= 2
+            assert config_hash(switched, schedule, facts["global"]) != identity, path
