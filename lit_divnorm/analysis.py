@@ -277,6 +277,15 @@ def analyze_checkpoint(
     ``lit-divnorm report`` shows ``<run>/analysis/analysis.json`` beside the paper's Table 10.
     """
     task, datamodule = load_task(config, checkpoint, overrides)
+    from lit_divnorm.tasks.classification import ClassificationTask
+
+    if not isinstance(task, ClassificationTask):
+        raise ValueError(
+            f"analyze supports classification checkpoints (ClassificationTask: the CIFAR "
+            f"configs, the paper's Table 10), got a {type(task).__name__} from config "
+            f"{str(config)!r}: the decorrelation analysis reads the first norm of an image "
+            "model's feature maps"
+        )
     datamodule.setup("test")
     collected = []
     for index, batch in enumerate(datamodule.test_dataloader()):

@@ -332,7 +332,17 @@ TOOL_COMMANDS = {
     "sweep": "lit_divnorm.sweep",
     "report": "lit_divnorm.report",
     "analyze": "lit_divnorm.analysis",
+    "status": "lit_divnorm.status",
 }
+COMMANDS_HELP = """
+every lit-divnorm command (each has its own --help):
+  fit, validate, test, predict  LightningCLI: train or evaluate one config
+                                (lit-divnorm fit --config configs/cifar10/dn_star.yaml)
+  sweep    every config of a folder, once per seed, K at a time, or as a SLURM array job
+  status   each (config, seed) of a sweep's runs: done, running, stopped, failed, not started
+  report   RESULTS.md: the paper's tables from results/ records or run folders
+  analyze  Table 10: decorrelation of a classification checkpoint's first-layer responses
+"""
 
 
 def _logger_class(class_path: Any) -> type | None:
@@ -399,6 +409,11 @@ def main(args: list[str] | None = None) -> Any:
     """Run the CLI (or one of our tool subcommands); a user mistake ends with one paragraph on
     stderr and exit code 2."""
     argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        try:
+            run_cli(["--help"])
+        finally:
+            print(COMMANDS_HELP, end="")
     with friendly_errors():
         if argv and argv[0] in TOOL_COMMANDS:
             return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])

@@ -63,8 +63,10 @@ def make_slots(
     threads: int | None = None,
 ) -> list[Slot]:
     """``parallel`` slots per device of ``devices`` (CUDA indices; ``None`` or empty: one
-    default device), each with ``threads`` threads, by default ``cpus // number of slots``
-    (at least 1; ``cpus`` defaults to :func:`available_cpus`)."""
+    default device), each with ``threads`` threads: given, else the user's own
+    ``OMP_NUM_THREADS`` when it is set, else ``cpus // number of slots`` (at least 1; ``cpus``
+    defaults to :func:`available_cpus`). A sweep's dry run and its runs use the same slots,
+    so the timing runs with the threads the runs will have."""
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel must be an int >= 1, got {parallel!r}")
     names = [str(device) for device in devices or ()]
@@ -77,6 +79,8 @@ def make_slots(
     cpus = available_cpus() if cpus is None else cpus
     if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
         raise ValueError(f"cpus must be an int >= 1, got {cpus!r}")
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
     if threads is None:
         threads = max(1, cpus // (parallel * len(places)))
     elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

@@ -38,6 +38,7 @@ DONE_MARKER = "DONE"  # a sweep's run that fitted and tested (JSON summary)
 FAILED_MARKER = "FAILED"  # a run that raised (the traceback)
 TESTED_MARKER = "TESTED"  # a fit run whose final checkpoint `lit-divnorm test` tested (JSON)
 SWEEP_MARKER = "SWEEP"  # a folder the sweep created: the only ones it continues
+RUNNING_MARKER = "RUNNING"  # the process training in a sweep's folder (JSON: pid, host)
 RUN_FILES = ("metrics.csv", DONE_MARKER, FAILED_MARKER, STOPPED_MARKER, TESTED_MARKER)
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"  # Lightning's SLURM requeue checkpoints

@@ -47,6 +47,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -61,6 +62,7 @@ from lit_divnorm.parallel import Job, Slot, make_slots, run_jobs
 from lit_divnorm.runs import (
     DONE_MARKER,
     FAILED_MARKER,
+    RUNNING_MARKER,
     SWEEP_MARKER,
     RunCSVLogger,
     checkpoint_step,
@@ -236,20 +238,35 @@ def run_one(
     (``STOPPED``, :mod:`lit_divnorm.stopping`: the run can be continued); the exception
     propagates. Under a distributed launch only rank 0 writes.
     """
-    from lit_divnorm.cli import run_cli
-    from lit_divnorm.results import (
-        curves_of,
-        environment_facts,
-        metric_of,
-        read_metric_rows,
-    )
-
     config, log_dir = Path(config), Path(log_dir)
     experiment = experiment or experiment_name(config)
     log_dir.mkdir(parents=True, exist_ok=True)
-    if is_rank_zero() and not (log_dir / SWEEP_MARKER).is_file():
-        made = {"config": str(config.resolve()), "overrides": list(overrides), "time": time.time()}
-        atomic_write_text(log_dir / SWEEP_MARKER, json.dumps(made) + "\n")
+    running = log_dir / RUNNING_MARKER
+    if is_rank_zero():
+        if not (log_dir / SWEEP_MARKER).is_file():
+            made = {"config": str(config.resolve()), "overrides": list(overrides)}
+            atomic_write_text(log_dir / SWEEP_MARKER, json.dumps({**made, "time": time.time()}))
+        here = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        atomic_write_text(running, json.dumps(here) + "\n")
+    try:
+        return _fit_and_test(config, log_dir, overrides, experiment, results_dir, partial)
+    finally:
+        if is_rank_zero():
+            running.unlink(missing_ok=True)
+
+
+def _fit_and_test(
+    config: Path,
+    log_dir: Path,
+    overrides: list[str] | tuple,
+    experiment: str,
+    results_dir: str | Path | None,
+    partial: bool,
+) -> dict:
+    """The body of :func:`run_one`."""
+    from lit_divnorm.cli import run_cli
+    from lit_divnorm.results import curves_of, environment_facts, metric_of, read_metric_rows
+
     started = time.time()
     try:
         args = ["fit", "--config", str(config), *overrides, logger_override(log_dir)]

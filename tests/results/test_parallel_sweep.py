@@ -43,7 +43,10 @@ def _final_test(metrics_csv, column="test/acc"):
         return float([row[column] for row in csv.DictReader(handle) if row.get(column)][-1])
 
 
-def test_slots_split_the_cores_and_run_jobs_keeps_each_slot_busy(tmp_path):
+def test_slots_split_the_cores_and_run_jobs_keeps_each_slot_busy(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own thread count wins
+    assert [slot.threads for slot in make_slots(2, cpus=8)] == [3, 3]
+    monkeypatch.delenv("OMP_NUM_THREADS")
     slots = make_slots(2, devices=["0", "3"], cpus=8)
     assert [(s.device, s.threads) for s in slots] == [("0", 2), ("0", 2), ("3", 2), ("3", 2)]
     assert make_slots(3, cpus=2)[0].threads == 1  # never fewer than one thread
