@@ -4,6 +4,8 @@
     lit-divnorm sweep configs/cifar10/ --seeds 0 1 2 --parallel 4 [--devices 0 1]
     lit-divnorm sweep configs/cifar10/ --seeds 0 1 2 --dry-run [--dry-run-steps 3]
     lit-divnorm sweep configs/ptb/ --slurm sweep_ptb.sh --slurm-option=--gres=gpu:1
+        [--parallel K: K tasks at a time] [--slurm-env ENV] [--slurm-cpus N]
+        [--slurm-time H:MM:SS | --dry-run: the time limit from the estimate]
 
 Configs are the ``*.yaml`` files under the folder (recursively); files and folders whose name
 starts with ``_`` are shared fragments, not experiments, and are skipped. Each config runs
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -72,7 +75,6 @@ from lit_divnorm.runs import (
     newest,
     next_version,
     run_checkpoints,
-    versions,
 )
 from lit_divnorm.stopping import (
     STOPPED_MARKER,
@@ -166,16 +168,31 @@ def owned(run_dir: Path) -> bool:
     return (run_dir / SWEEP_MARKER).is_file() or (run_dir / DONE_MARKER).is_file()
 
 
+def sweep_versions(run_root: Path, prefix: str = "version") -> list[Path]:
+    """The folders the sweep made for one (config, seed), oldest first: ``<prefix>_<N>`` and
+    the SLURM tasks' ``<prefix>_slurm<job>_<task>``."""
+    if not Path(run_root).is_dir():
+        return []
+    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+|slurm\d+_\d+)$")
+    found = [p for p in Path(run_root).iterdir() if pattern.match(p.name) and owned(p)]
+
+    def made(folder: Path) -> float:
+        marker = folder / SWEEP_MARKER
+        return (marker if marker.is_file() else folder).stat().st_mtime
+
+    return sorted(found, key=lambda folder: (made(folder), folder.name))
+
+
 def finished_version(run_root: Path, prefix: str = "version") -> Path | None:
-    """The latest ``<prefix>_<N>`` version with a ``DONE`` marker, or ``None``."""
-    done = [v for v in versions(run_root, prefix) if (v / DONE_MARKER).is_file()]
+    """The latest folder of the sweep with a ``DONE`` marker, or ``None``."""
+    done = [v for v in sweep_versions(run_root, prefix) if (v / DONE_MARKER).is_file()]
     return done[-1] if done else None
 
 
 def stopped_version(run_root: Path, prefix: str = "version") -> Path | None:
-    """The latest ``<prefix>_<N>`` version the sweep made if it was stopped without failing
-    (no ``DONE``, no ``FAILED``) and holds a checkpoint to continue from, else ``None``."""
-    found = [version for version in versions(run_root, prefix) if owned(version)]
+    """The latest folder the sweep made if it was stopped without failing (no ``DONE``, no
+    ``FAILED``) and holds a checkpoint to continue from, else ``None``."""
+    found = sweep_versions(run_root, prefix)
     if not found:
         return None
     latest = found[-1]
@@ -684,34 +701,64 @@ def slurm_script(
     job_name: str = "lit-divnorm-sweep",
     seeds: list[int] | tuple | None = None,
     results_dir: str | Path | None = "results",
+    throttle: int | None = None,
+    cpus_per_task: int = 4,
+    time_limit: str | None = None,
+    environment: str | None = None,
+    partial: bool = False,
 ) -> str:
     """A SLURM array job running one (config, seed) of ``config_dir`` per array task.
 
-    Each task first asks ``python -m lit_divnorm.sweep DIR --only CONFIG [--seeds S]
-    --next-log-dir`` for its version folder (nothing when that run already finished: the task
-    ends), then runs ``srun python -m lit_divnorm.sweep --run-one CONFIG --log-dir DIR``, so
-    every rank of a multi-GPU task (``--ntasks-per-node``/``--gres`` options) logs into the
-    same folder, and the run's record goes to ``results_dir``. ``options`` are extra
-    ``#SBATCH`` options, e.g. ``["--gres=gpu:1", "--time=24:00:00"]``.
+    The job survives its time limit: ``--signal=SIGUSR1@120`` asks each run to save
+    ``last.ckpt`` at its step and requeue the task (:mod:`lit_divnorm.stopping`), and
+    ``--requeue`` lets SLURM run it again, when it continues its own folder. Each task first
+    asks ``python -m lit_divnorm.sweep DIR --only CONFIG [--seeds S] --next-log-dir`` for its
+    folder: the sweep's stopped folder of that (config, seed) if there is one, else a new
+    ``<version prefix>_slurm<array job>_<task>`` (nothing when the run already finished: the
+    task ends), then runs ``srun python -m lit_divnorm.sweep --run-one CONFIG --log-dir DIR``,
+    so every rank of a multi-GPU task logs into the same folder, and the run's record goes to
+    ``results_dir``.
+
+    ``throttle``: tasks at a time (``--array=0-N%K``); ``cpus_per_task``: CPU cores of a task
+    (also its ``OMP_NUM_THREADS``); ``time_limit``: ``--time`` (``H:MM:SS``, e.g. from a dry
+    run's estimate); ``environment``: a virtual environment folder (``source
+    DIR/bin/activate``) or a conda environment name (``conda activate NAME``) to activate
+    first, then its ``python`` runs (else this interpreter); ``options``: extra ``#SBATCH``
+    options, e.g. ``["--gres=gpu:1"]``.
     """
     seeds = check_seeds(seeds)
     _check_overrides(overrides, seeds)
+    for name, value in (("throttle", throttle), ("cpus_per_task", cpus_per_task)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if time_limit is not None and not re.fullmatch(r"(\d+-)?\d+(:\d\d){0,2}", time_limit):
+        raise ValueError(f"time_limit must be SLURM's [D-]H[:MM[:SS]], got {time_limit!r}")
     configs = [path.resolve() for path in find_configs(config_dir)]
     runs_dir = Path(runs_dir).resolve()
-    python = shlex.quote(sys.executable)
+    python = shlex.quote(sys.executable) if environment is None else "python"
     seed_count = len(seeds) if seeds else 1
     record = (
         []
         if results_dir is None
         else ["--results-dir", shlex.quote(str(Path(results_dir).resolve()))]
     )
+    record += ["--partial"] if partial else []
+    array = f"0-{len(configs) * seed_count - 1}" + (f"%{throttle}" if throttle else "")
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}",
-        f"#SBATCH --array=0-{len(configs) * seed_count - 1}",
+        f"#SBATCH --array={array}",
         f"#SBATCH --output={runs_dir}/slurm/%A_%a.out",
+        f"#SBATCH --cpus-per-task={cpus_per_task}",
+        "#SBATCH --signal=SIGUSR1@120",
+        "#SBATCH --requeue",
+        *([f"#SBATCH --time={time_limit}"] if time_limit else []),
         *(f"#SBATCH {option}" for option in options),
         "set -euo pipefail",
+        *_activation(environment),
+        'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
         f"mkdir -p {shlex.quote(str(runs_dir / 'slurm'))}",
         f"cd {shlex.quote(str(Path.cwd()))}",
         "CONFIGS=(",
@@ -723,6 +770,7 @@ def slurm_script(
         "SEED_ARGS=(); RUN_SEED=()",
         'if [ -n "$SEED" ]; then SEED_ARGS=(--seeds "$SEED"); '
         'RUN_SEED=("--seed_everything=$SEED"); fi',
+        'VERSION="slurm${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-0}}_${SLURM_ARRAY_TASK_ID}"',
         " ".join(
             [
                 "LOG_DIR=$(" + python,
@@ -730,7 +778,7 @@ def slurm_script(
                 shlex.quote(str(Path(config_dir).resolve())),
                 "--runs-dir",
                 shlex.quote(str(runs_dir)),
-                '--only "$CONFIG" "${SEED_ARGS[@]}" --next-log-dir)',
+                '--only "$CONFIG" "${SEED_ARGS[@]}" --next-log-dir --version-name "$VERSION")',
             ]
         ),
         'if [ -z "$LOG_DIR" ]; then echo "$CONFIG ${SEED:+seed $SEED }already finished"; '
@@ -748,6 +796,36 @@ def slurm_script(
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _activation(environment: str | None) -> list[str]:
+    """The lines that activate ``environment`` (a venv folder or a conda env name)."""
+    if environment is None:
+        return []
+    folder = Path(environment).expanduser()
+    if (folder / "bin" / "activate").is_file():
+        return [f"source {shlex.quote(str(folder.resolve() / 'bin' / 'activate'))}"]
+    if "/" in environment:
+        raise ValueError(
+            f"environment {environment!r} is neither a virtual environment folder (no "
+            "bin/activate) nor a conda environment name"
+        )
+    return ['eval "$(conda shell.bash hook)"', f"conda activate {shlex.quote(environment)}"]
+
+
+def slurm_time_limit(runs: list[SweepRun], margin: float = 1.5) -> str | None:
+    """``--time`` for the longest of ``runs`` that a dry run timed: its planned steps x step
+    time x ``margin`` plus 15 minutes (start, evaluation), as ``H:MM:SS``; ``None`` when none
+    was timed. A task that runs out of time checkpoints and requeues anyway."""
+    seconds = [
+        run.planned_steps * run.step_seconds
+        for run in runs
+        if run.planned_steps is not None and run.step_seconds is not None
+    ]
+    if not seconds:
+        return None
+    total = int(max(seconds) * margin + 15 * 60)
+    return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -797,6 +875,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--slurm-option", action="append", default=[], help="extra #SBATCH option (repeatable)"
     )
+    parser.add_argument(
+        "--slurm-env",
+        metavar="ENV",
+        help="virtual environment folder or conda environment name the job activates",
+    )
+    parser.add_argument(
+        "--slurm-time",
+        metavar="H:MM:SS",
+        help="each task's --time (default with --dry-run: 1.5 x the longest estimate + 15 min)",
+    )
+    parser.add_argument(
+        "--slurm-cpus", type=int, default=4, metavar="N", help="--cpus-per-task of a task (4)"
+    )
+    parser.add_argument("--version-name", help=argparse.SUPPRESS)
     parser.add_argument("--in-process", action="store_true", help="run configs in this process")
     parser.add_argument(
         "--only", nargs="+", metavar="CONFIG", help="run only these configs of the folder"
@@ -862,11 +954,31 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
                 parser.error("--next-log-dir takes one config and at most one seed")
             (run,) = plan(options.config_dir, options.runs_dir, options.only, options.seeds)
             if run.status == "planned":
-                print(run.log_dir.resolve())
+                log_dir = run.log_dir
+                if options.version_name and not run.resume:
+                    name = f"{version_prefix(run.seed)}_{options.version_name}"
+                    log_dir = log_dir.parent / name
+                print(log_dir.resolve())
             return None
         if options.slurm:
-            if options.parallel != 1 or options.devices:
-                parser.error("--slurm runs one run per array task: leave out --parallel/--devices")
+            if options.devices or options.in_process:
+                parser.error(
+                    "--slurm runs one run per array task: leave out --devices/--in-process"
+                )
+            time_limit = options.slurm_time
+            if options.dry_run and time_limit is None:
+                timed = sweep(
+                    options.config_dir,
+                    options.runs_dir,
+                    overrides,
+                    seeds=options.seeds,
+                    threads=options.slurm_cpus,
+                    dry_run=True,
+                    dry_run_steps=max(1, options.dry_run_steps),
+                    dry_run_warmup=options.dry_run_warmup,
+                    only=options.only,
+                )
+                time_limit = slurm_time_limit([r for r in timed if r.status == "planned"])
             script = slurm_script(
                 options.config_dir,
                 options.runs_dir,
@@ -874,10 +986,16 @@ def main(argv: list[str] | None = None) -> list[SweepRun] | None:
                 options=options.slurm_option,
                 seeds=options.seeds,
                 results_dir=results_dir,
+                throttle=options.parallel if options.parallel > 1 else None,
+                cpus_per_task=options.slurm_cpus,
+                time_limit=time_limit,
+                environment=options.slurm_env,
+                partial=options.partial,
             )
             Path(options.slurm).write_text(script)
             (Path(options.runs_dir) / "slurm").mkdir(parents=True, exist_ok=True)  # job logs
-            print(f"[sweep] wrote {options.slurm}; submit with: sbatch {options.slurm}")
+            limit = f" (--time={time_limit})" if time_limit else ""
+            print(f"[sweep] wrote {options.slurm}{limit}; submit with: sbatch {options.slurm}")
             return None
         runs = sweep(
             options.config_dir,

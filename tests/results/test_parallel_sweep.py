@@ -210,16 +210,70 @@ def test_seed_and_option_mistakes_are_refused(tmp_path):
 def test_slurm_array_runs_each_config_and_seed(tmp_path):
     folder = write_tiny_sweep(tmp_path, {"bn": "bn"})
     runs = tmp_path / "runs"
-    script = slurm_script(folder, runs, ["--trainer.max_steps=2"], seeds=[5, 9])
-    assert "#SBATCH --array=0-1" in script
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("echo activated\n")
+    script = slurm_script(
+        folder,
+        runs,
+        ["--trainer.max_steps=2"],
+        seeds=[5, 9],
+        throttle=1,
+        cpus_per_task=3,
+        time_limit="2:30:00",
+        environment=str(venv),
+    )
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    for option in (
+        "--array=0-1%1",  # one task at a time
+        "--cpus-per-task=3",
+        "--signal=SIGUSR1@120",  # checkpoint and requeue before the time limit
+        "--requeue",
+        "--time=2:30:00",
+    ):
+        assert f"#SBATCH {option}" in header, option
+    assert f"source {venv.resolve()}/bin/activate" in script
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
     (fake / "srun").chmod(0o755)
+    (fake / "python").symlink_to(sys.executable)  # the environment's python
     job = tmp_path / "job.sh"
     job.write_text(script)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1"}
+    env["SLURM_ARRAY_JOB_ID"] = "77"
     ran = subprocess.run(["bash", str(job)], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
-    log_dir = f"{runs.resolve()}/cifar10/bn/seed9_version_0"  # task 1: config 0, seed 9
+    assert ran.stdout.startswith("activated\n")
+    # task 1: config 0, seed 9, in a folder named after the array job and task
+    log_dir = runs.resolve() / "cifar10" / "bn" / "seed9_version_slurm77_1"
     assert f"--log-dir {log_dir} -- --trainer.max_steps=2 --seed_everything=9" in ran.stdout
+    # requeued after SIGUSR1 (same ids) or submitted again (new ids): the stopped folder of
+    # the sweep is continued either way
+    (log_dir / "checkpoints").mkdir(parents=True)
+    (log_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (log_dir / "SWEEP").write_text("{}")
+    again = subprocess.run(
+        ["bash", str(job)],
+        cwd=REPO_ROOT,
+        env={**env, "SLURM_ARRAY_JOB_ID": "78"},
+        capture_output=True,
+        text=True,
+    )
+    assert f"--log-dir {log_dir} --" in again.stdout, again.stderr
+    with pytest.raises(ValueError, match="time_limit must be SLURM's"):
+        slurm_script(folder, runs, time_limit="soon")
+
+
+def test_the_slurm_time_limit_comes_from_the_dry_run_estimate(tmp_path):
+    from lit_divnorm.sweep import SweepRun, slurm_time_limit
+
+    def planned(steps, seconds):
+        run = SweepRun(tmp_path / "c.yaml", "cifar10", tmp_path, "planned")
+        run.planned_steps, run.step_seconds = steps, seconds
+        return run
+
+    # the longest run: 80,000 steps x 0.05 s = 4,000 s; x 1.5 + 15 min = 6,900 s
+    runs = [planned(80000, 0.05), planned(50000, 0.05), planned(None, None)]
+    assert slurm_time_limit(runs) == "1:55:00"
+    assert slurm_time_limit([planned(None, None)]) is None
