@@ -10,7 +10,8 @@ SR models trained for the x3 and x4 columns; the Set14 and BSD200 columns test t
 ``--rows`` keeps a subset (config stems). Each config trains ``--warmup`` untimed and
 ``--steps`` timed steps in this process with this CPU's threads, through the CLI with the
 config's own data, model and trainer plus ``OVERRIDES`` (e.g. the fast-path switches)
-(:func:`lit_divnorm.plan.time_config`); its time is the schedule's steps (``max_steps``, or
+(:func:`lit_divnorm.experiments.timing.time_config`); its time is the schedule's steps
+(``max_steps``, or
 ``max_epochs`` x batches per epoch) x the median step time, training steps only. Per config it
 prints steps, ms/step and the time of one run; per table the total for one seed and for
 ``--seeds`` seeds. The step times are this machine's as it is at the time: on a machine that
@@ -45,8 +46,8 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
-from lit_divnorm.paper_results import PAPER_TABLES  # noqa: E402
-from lit_divnorm.plan import ConfigTiming, format_hours, time_config  # noqa: E402
+from lit_divnorm.experiments.paper import PAPER_TABLES  # noqa: E402
+from lit_divnorm.experiments.timing import ConfigTiming, format_hours, time_config  # noqa: E402
 
 SR_ROWS = ("baseline", "bn", "dn_star")
 TABLES = {
@@ -161,7 +162,7 @@ def plan_table(
         try:
             timing = time_config(config, [*data_overrides(table, data), *overrides], steps, warmup)
         except Exception as error:  # one config that cannot run does not hide the others
-            from lit_divnorm.plan import failed_timing
+            from lit_divnorm.experiments.timing import failed_timing
 
             timing = failed_timing(config, f"{type(error).__name__}: {error}")
         norm = config_norm(config)

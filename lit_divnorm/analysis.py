@@ -189,7 +189,7 @@ def analyze_responses(
 def sigma_history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """``{module name: [(step, sigma), ...]}`` from the ``sigma/<module>`` columns of
     ``run_dir/metrics.csv`` (tasks log every learned sigma each training step)."""
-    from lit_divnorm.report import read_metrics_csv
+    from lit_divnorm.experiments.metrics import read_metrics_csv
 
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
@@ -202,7 +202,7 @@ def plot_activation_histograms(
     activations: dict[str, np.ndarray], path: str | Path, bins: int = 100
 ) -> Path:
     """Histograms (log counts) of centred activations, one line per model, on one chart."""
-    from lit_divnorm.report import _pyplot, save_figure
+    from lit_divnorm.experiments.plots import _pyplot, save_figure
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -221,7 +221,7 @@ def plot_activation_histograms(
 
 def plot_sigma_history(history: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
     """Learned sigma of every layer over training steps."""
-    from lit_divnorm.report import _pyplot, save_figure
+    from lit_divnorm.experiments.plots import _pyplot, save_figure
 
     if not history:
         raise ValueError("history is empty: the run logged no sigma/<module> metric")
@@ -316,7 +316,7 @@ def analyze_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lit_divnorm.sweep import split_overrides
+    from lit_divnorm.experiments.sweep import split_overrides
 
     own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(

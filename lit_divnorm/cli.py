@@ -4,9 +4,12 @@
     lit-divnorm fit --config configs/cifar10/dn_star.yaml --ckpt_path last    (continues it)
     lit-divnorm fit --config configs/cifar10/bn.yaml --model.norm dn*
     lit-divnorm test --config configs/cifar10/dn_star.yaml --ckpt_path last
-    lit-divnorm sweep configs/cifar10/          (lit_divnorm.sweep: every config of a folder)
-    lit-divnorm report runs/                    (lit_divnorm.report: tables beside the paper)
-    lit-divnorm analyze CKPT --config CONFIG    (lit_divnorm.analysis: decorrelation, sparsity)
+    lit-divnorm sweep configs/cifar10/        (every config of a folder, per seed, K at a time)
+    lit-divnorm status configs/cifar10/       (where that sweep stands)
+    lit-divnorm report runs/                  (the paper's tables beside ours)
+    lit-divnorm analyze CKPT --config CONFIG  (decorrelation, sparsity)
+
+(the last four: :mod:`lit_divnorm.experiments`, and :mod:`lit_divnorm.analysis`).
 
 Models and datamodules are chosen by ``class_path`` in the YAML (subclass mode), so a user's
 own ``LightningModule`` subclass works the same way. Runs are named after the first
@@ -39,6 +42,7 @@ from lit_divnorm.checkpoint import (
 )
 from lit_divnorm.cli_errors import friendly_errors
 from lit_divnorm.distributed import NormSync
+from lit_divnorm.provenance import environment_facts
 from lit_divnorm.runs import (
     HPC_CHECKPOINT_GLOB,
     RUN_DIR_VARIABLE,
@@ -259,8 +263,8 @@ class DivNormCLI(LightningCLI):
     def after_test(self) -> None:
         """Link a test to the fit run it tested: when the checkpoint lies in a run folder,
         write ``<run>/TESTED`` (JSON: the test metrics, the checkpoint and its step, the
-        config's own schedule, the test's log folder, the machine), so that ``lit-divnorm
-        report runs/`` shows the run's cell (:func:`lit_divnorm.results.build_record`)."""
+        config, the test's log folder, the machine), so that ``lit-divnorm report runs/``
+        shows the run's cell (:func:`lit_divnorm.experiments.records.build_record`)."""
         trainer = self.trainer
         ckpt_path = trainer.ckpt_path
         if not ckpt_path or not trainer.is_global_zero:
@@ -273,20 +277,6 @@ class DivNormCLI(LightningCLI):
         run_dir = _run_of_checkpoint(Path(ckpt_path), self._experiment_dir(experiment))
         if run_dir is None:
             return
-        from lit_divnorm.results import (
-            environment_facts,
-            read_metric_rows,
-            resolved_config,
-            schedule_steps,
-            training_progress,
-        )
-
-        steps, epochs = training_progress(read_metric_rows(run_dir / "metrics.csv"))
-        per_epoch = steps // epochs if epochs and steps % epochs == 0 else None
-        try:
-            schedule = schedule_steps(resolved_config(config_file)["trainer"], per_epoch)
-        except ValueError:
-            schedule = None
         seed = self.config["test"].get("seed_everything")
         summary = {
             "experiment": experiment,
@@ -294,8 +284,6 @@ class DivNormCLI(LightningCLI):
             "overrides": [],
             "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
             "global_step": checkpoint_step(ckpt_path),
-            "steps_per_epoch": per_epoch,
-            "schedule_steps": schedule,
             "tested_checkpoint": str(ckpt_path),
             "test_dir": str(self._run_dir) if self._run_dir else None,
             "test_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
@@ -329,10 +317,10 @@ class DivNormCLI(LightningCLI):
 
 # subcommands of ours, dispatched before LightningCLI: name -> module with a main(argv)
 TOOL_COMMANDS = {
-    "sweep": "lit_divnorm.sweep",
-    "report": "lit_divnorm.report",
+    "sweep": "lit_divnorm.experiments.sweep",
+    "report": "lit_divnorm.experiments.report",
     "analyze": "lit_divnorm.analysis",
-    "status": "lit_divnorm.status",
+    "status": "lit_divnorm.experiments.status",
 }
 COMMANDS_HELP = """
 every lit-divnorm command (each has its own --help):

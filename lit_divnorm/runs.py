@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -213,3 +214,16 @@ def _csv_text(header: list[str], rows: list[dict[str, str]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def logger_override(log_dir: Path) -> str:
+    """``--trainer.logger=...``: a CSVLogger writing exactly into ``log_dir``."""
+    logger = {
+        "class_path": f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}",
+        "init_args": {
+            "save_dir": str(log_dir.parent.parent),
+            "name": log_dir.parent.name,
+            "version": log_dir.name,
+        },
+    }
+    return f"--trainer.logger={json.dumps(logger)}"

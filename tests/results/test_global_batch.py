@@ -15,9 +15,9 @@ import pytest
 import torch.distributed as dist
 import yaml
 
-from lit_divnorm.report import write_report
-from lit_divnorm.results import load_records
-from lit_divnorm.sweep import DONE_MARKER
+from lit_divnorm.experiments.records import load_records
+from lit_divnorm.experiments.report import write_report
+from lit_divnorm.runs import DONE_MARKER
 from tests.conftest import REPO_ROOT
 from tests.results.tiny_configs import write_tiny_sweep
 
@@ -29,7 +29,7 @@ GLOBAL = "--trainer.callbacks+=lit_divnorm.global_batch.GlobalBatch"
 def _run_one(config: Path, log_dir: Path, results: Path, *overrides: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     env.pop("LOCAL_RANK", None)
-    command = [sys.executable, "-m", "lit_divnorm.sweep", "--run-one", str(config)]
+    command = [sys.executable, "-m", "lit_divnorm.experiments.sweep", "--run-one", str(config)]
     command += ["--log-dir", str(log_dir), "--results-dir", str(results), "--", *overrides]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
 

@@ -15,9 +15,12 @@ import pytest
 import torch
 
 from lit_divnorm.cli import main as cli_main
-from lit_divnorm.parallel import Job, available_cpus, make_slots, run_jobs
-from lit_divnorm.results import RECORD_FIELDS, load_records
-from lit_divnorm.sweep import DONE_MARKER, SWEEP_LOG, check_seeds, slurm_script
+from lit_divnorm.experiments.configs import check_seeds
+from lit_divnorm.experiments.launch import Job, available_cpus, make_slots, run_jobs
+from lit_divnorm.experiments.records import RECORD_FIELDS, load_records
+from lit_divnorm.experiments.slurm import slurm_script
+from lit_divnorm.experiments.sweep import SWEEP_LOG
+from lit_divnorm.runs import DONE_MARKER
 from tests.conftest import REPO_ROOT
 from tests.results.tiny_configs import write_tiny_sweep
 
@@ -266,7 +269,8 @@ def test_slurm_array_runs_each_config_and_seed(tmp_path):
 
 
 def test_the_slurm_time_limit_comes_from_the_dry_run_estimate(tmp_path):
-    from lit_divnorm.sweep import SweepRun, slurm_time_limit
+    from lit_divnorm.experiments.slurm import slurm_time_limit
+    from lit_divnorm.experiments.sweep import SweepRun
 
     def planned(steps, seconds):
         run = SweepRun(tmp_path / "c.yaml", "cifar10", tmp_path, "planned")

@@ -12,18 +12,15 @@ import pytest
 import yaml
 
 from lit_divnorm.cli import main as cli_main
-from lit_divnorm.paper_results import PAPER_TABLES
-from lit_divnorm.results import (
-    RECORD_FIELDS,
+from lit_divnorm.experiments.configs import (
     batch_facts,
-    check_record,
     config_hash,
-    import_run,
-    import_runs,
-    load_records,
     normalized_config,
     resolved_config,
 )
+from lit_divnorm.experiments.imports import import_run, import_runs
+from lit_divnorm.experiments.paper import PAPER_TABLES
+from lit_divnorm.experiments.records import RECORD_FIELDS, check_record, load_records
 from tests.conftest import REPO_ROOT
 
 SHARED_RUNS = REPO_ROOT.parent / "shared" / "runs"

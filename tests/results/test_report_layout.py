@@ -7,8 +7,9 @@ import json
 import pytest
 import yaml
 
-from lit_divnorm.report import collect_results, write_report
-from lit_divnorm.sweep import DONE_MARKER, FAILED_MARKER
+from lit_divnorm.experiments.report import write_report
+from lit_divnorm.experiments.tables import collect_results
+from lit_divnorm.runs import DONE_MARKER, FAILED_MARKER
 
 
 def _run(runs, area, name, version, rows, *, done=True, failed=False, config=None, steps=9):

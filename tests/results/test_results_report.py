@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lit_divnorm.cli import main as cli_main
-from lit_divnorm.results import SCHEMA, write_record
+from lit_divnorm.experiments.records import SCHEMA, write_record
 
 
 def record(experiment, seed, value, steps=80000, schedule=80000, config="c0", run=None, **extra):
@@ -129,17 +129,18 @@ def test_the_difference_plot_is_centred_on_zero_with_the_seeds_spread(
 ):
     """The plot's numbers, read back from the figure the report draws (matplotlib objects)."""
     pytest.importorskip("matplotlib", reason="the report's plots need matplotlib")
-    from lit_divnorm import report as report_module
+    from lit_divnorm.experiments import plots
+    from lit_divnorm.experiments.report import write_report
 
     drawn = {}
-    real = report_module.save_figure
+    real = plots.save_figure
 
     def keep(figure, path):
         drawn[path.name] = figure
         return real(figure, path)
 
-    monkeypatch.setattr(report_module, "save_figure", keep)
-    report_module.write_report(results, (), tmp_path / "R.md", tmp_path / "plots")
+    monkeypatch.setattr(plots, "save_figure", keep)
+    write_report(results, (), tmp_path / "R.md", tmp_path / "plots")
     (axis,) = drawn["diff_cifar.png"].axes
     labels = [tick.get_text() for tick in axis.get_yticklabels()]
     assert labels == ["BN", "DN*"]  # complete rows with runs, in the paper's order (LN: partial)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lit_divnorm.cli import main as cli_main
-from lit_divnorm.report import write_report
+from lit_divnorm.experiments.report import write_report
 from lit_divnorm.runs import SWEEP_MARKER, TESTED_MARKER
 from tests.conftest import REPO_ROOT
 from tests.results.tiny_configs import write_tiny_sweep

@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from lit_divnorm.checkpoint import load_checkpoint_safely
-from lit_divnorm.results import load_records
+from lit_divnorm.experiments.records import load_records
+from lit_divnorm.runs import DONE_MARKER, FAILED_MARKER
 from lit_divnorm.stopping import STOPPED_MARKER
-from lit_divnorm.sweep import DONE_MARKER, FAILED_MARKER
 from tests.conftest import REPO_ROOT
 from tests.results.tiny_configs import write_tiny_sweep
 
@@ -153,7 +153,13 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues_the_job(tmp_path):
         SLURM_ARRAY_JOB_ID="77",
         SLURM_ARRAY_TASK_ID="3",
     )
-    command = [sys.executable, "-m", "lit_divnorm.sweep", "--run-one", str(folder / "dn_star.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "lit_divnorm.experiments.sweep",
+        "--run-one",
+        str(folder / "dn_star.yaml"),
+    ]
     command += ["--log-dir", str(run_dir), "--results-dir", "none"]
     run = subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

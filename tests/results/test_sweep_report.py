@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from lit_divnorm.cli import main as cli_main
-from lit_divnorm.paper_results import PAPER_TABLES
-from lit_divnorm.sweep import DONE_MARKER, FAILED_MARKER, find_configs, slurm_script
+from lit_divnorm.experiments.configs import find_configs
+from lit_divnorm.experiments.paper import PAPER_TABLES
+from lit_divnorm.experiments.slurm import slurm_script
+from lit_divnorm.runs import DONE_MARKER, FAILED_MARKER
 from tests.conftest import REPO_ROOT
 from tests.results.tiny_configs import write_tiny_sweep
 
@@ -166,7 +168,7 @@ def test_sweep_as_separate_processes_and_the_slurm_script(tmp_path):
     fake.mkdir()
     (fake / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
     (fake / "srun").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_JOB_ID": "41"}
     for task, expected in ((1, "already finished"), (0, "--run-one")):
         env["SLURM_ARRAY_TASK_ID"] = str(task)
         ran = subprocess.run(
@@ -174,4 +176,5 @@ def test_sweep_as_separate_processes_and_the_slurm_script(tmp_path):
         )
         assert ran.returncode == 0, ran.stderr
         assert expected in ran.stdout
-    assert f"--log-dir {runs.resolve()}/cifar10/a_broken/version_1 --" in ran.stdout
+    # the failed run is not continued: a new folder, named after the array job and task
+    assert f"--log-dir {runs.resolve()}/cifar10/a_broken/version_slurm41_0 --" in ran.stdout

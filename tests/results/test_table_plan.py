@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lit_divnorm.plan import format_hours
+from lit_divnorm.experiments.timing import format_hours
 from tests.cifar.fixtures import write_cifar10
 from tests.conftest import REPO_ROOT
 

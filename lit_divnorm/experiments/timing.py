@@ -1,6 +1,7 @@
 """How long a sweep will take: a few timed training steps per config, times its schedule.
 
-    python -m lit_divnorm.plan --time-one CONFIG --out FILE [--steps 3] [--warmup 2] [-- OVERRIDES]
+    python -m lit_divnorm.experiments.timing --time-one CONFIG --out FILE
+        [--steps 3] [--warmup 2] [-- OVERRIDES]
 
 :func:`time_config` builds one experiment through the CLI (its data, model and trainer, with
 the given overrides), trains ``warmup + steps`` optimizer steps with validation off and a
@@ -29,8 +30,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lit_divnorm.parallel import Job, Slot, run_jobs
-from lit_divnorm.results import describe_device, schedule_steps
+from lit_divnorm.experiments.configs import schedule_steps
+from lit_divnorm.experiments.launch import Job, Slot, run_jobs
+from lit_divnorm.provenance import describe_device
 
 
 class StepTimer(Callback):
@@ -94,7 +96,7 @@ def time_config(
 ) -> ConfigTiming:
     """Train ``warmup + steps`` steps of ``config`` (with ``overrides``) and time them."""
     from lit_divnorm.cli import run_cli
-    from lit_divnorm.sweep import logger_override
+    from lit_divnorm.runs import logger_override
 
     timer = StepTimer(steps, warmup)
     with tempfile.TemporaryDirectory(prefix="lit-divnorm-timing-") as folder:
@@ -156,7 +158,13 @@ def time_configs(
         jobs = []
         for number, (config, overrides) in enumerate(configs):
             out, log = Path(folder) / f"{number}.json", Path(folder) / f"{number}.log"
-            command = [sys.executable, "-m", "lit_divnorm.plan", "--time-one", str(config)]
+            command = [
+                sys.executable,
+                "-m",
+                "lit_divnorm.experiments.timing",
+                "--time-one",
+                str(config),
+            ]
             command += ["--out", str(out), "--steps", str(steps), "--warmup", str(warmup)]
 
             def on_exit(code: int, slot: Slot, number=number, config=config, out=out, log=log):
@@ -191,7 +199,7 @@ def format_hours(hours: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> ConfigTiming:
-    parser = argparse.ArgumentParser(prog="python -m lit_divnorm.plan")
+    parser = argparse.ArgumentParser(prog="python -m lit_divnorm.experiments.timing")
     parser.add_argument("--time-one", metavar="CONFIG", required=True, help="config to time")
     parser.add_argument("--out", required=True, help="JSON file for the timing")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (3)")

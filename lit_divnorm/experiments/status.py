@@ -2,7 +2,8 @@
 
     lit-divnorm status configs/cifar10/ [--runs-dir runs] [--seeds 0 1 2]
 
-One line per (config, seed), from the folders the sweep made (:func:`lit_divnorm.sweep.owned`;
+One line per (config, seed), from the folders the sweep made
+(:func:`lit_divnorm.experiments.sweep.owned`;
 a user's own ``fit`` folders are not the sweep's):
 
     done         the run fitted and tested (``DONE``)
@@ -27,12 +28,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_divnorm.results import (
-    read_metric_rows,
+from lit_divnorm.experiments.configs import (
+    area_of,
+    check_seeds,
+    find_configs,
     resolved_config,
     schedule_steps,
-    training_progress,
 )
+from lit_divnorm.experiments.metrics import read_metric_rows, steps_per_epoch, training_progress
+from lit_divnorm.experiments.sweep import owned, version_prefix
 from lit_divnorm.runs import (
     DONE_MARKER,
     FAILED_MARKER,
@@ -43,7 +47,6 @@ from lit_divnorm.runs import (
     versions,
 )
 from lit_divnorm.stopping import STOPPED_MARKER
-from lit_divnorm.sweep import area_of, check_seeds, find_configs, owned, version_prefix
 
 RECENT_SECONDS = 600.0  # metrics written this recently, on another host: running
 
@@ -106,7 +109,7 @@ def run_status(
         return RunStatus(experiment, seed, "not started", None, 0, _schedule(trainer, None))
     step = _step(log_dir)
     steps, epochs = training_progress(read_metric_rows(log_dir / "metrics.csv"))
-    per_epoch = steps // epochs if epochs and steps % epochs == 0 else None
+    per_epoch = steps_per_epoch(steps, epochs)
     schedule = _schedule(trainer, per_epoch)
     if (log_dir / DONE_MARKER).is_file():
         summary = json.loads((log_dir / DONE_MARKER).read_text())

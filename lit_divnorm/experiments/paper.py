@@ -1,6 +1,7 @@
 """The paper's published numbers (Ren et al., ICLR 2017), copied from PAPER.md section 3.
 
-The single place these figures live; :mod:`lit_divnorm.report` prints them beside ours. A plain
+The single place these figures live; :mod:`lit_divnorm.experiments.report` prints them beside ours.
+A plain
 Python literal (not a YAML/JSON file) so it ships with the package without package-data rules.
 
 Keys:
@@ -36,9 +37,17 @@ _CIFAR_ROWS = {
     "dn": "DN",
     "dn_star": "DN*",
 }
+
+
 _PTB_ROWS = {key: label for key, label in _CIFAR_ROWS.items() if key != "baseline_wd_dropout"}
+
+
 _SR_ROWS = {"bicubic": "Bicubic", "a_plus": "A+", "baseline": "SRCNN", "bn": "BN", "dn_star": "DN*"}
+
+
 _SR_COLUMNS = ("Set14 x3", "Set14 x4", "BSD200 x3", "BSD200 x4")
+
+
 # (PSNR, SSIM) per SR row, in the order of _SR_COLUMNS (Tables 5 and 6).
 _SR_VALUES = {
     "bicubic": ((27.54, 0.7733), (26.01, 0.7018), (27.19, 0.7636), (25.92, 0.6952)),
@@ -127,6 +136,7 @@ PAPER_TABLES: dict[str, dict[str, Any]] = {
     "sr_ssim": _sr_table("Table 6: super-resolution SSIM", "test/ssim", 1, 4),
 }
 
+
 # Table 10: mean correlation / mutual information of the first layer's normalized responses
 # (CIFAR-10 small CNN), keyed by config stem.
 PAPER_DECORRELATION: dict[str, tuple[float, float]] = {
@@ -140,3 +150,13 @@ PAPER_DECORRELATION: dict[str, tuple[float, float]] = {
     "dn": (0.1958, 0.8951),
     "dn_star": (0.2031, 0.8412),
 }
+
+
+def metric_of(experiment: str) -> str | None:
+    """The metric the paper reports for ``experiment`` (``"ptb/lstm/dn"`` -> ``"test/ppl"``),
+    ``None`` when no paper table holds its area."""
+    area = experiment.rsplit("/", 1)[0]
+    for spec in PAPER_TABLES.values():
+        if any(area == a or (a.endswith("/") and area.startswith(a)) for a in spec["areas"]):
+            return spec["metric"]
+    return None
