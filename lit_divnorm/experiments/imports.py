@@ -12,18 +12,13 @@ from typing import Any
 
 import yaml
 
+from lit_divnorm.experiments import metrics
 from lit_divnorm.experiments.configs import (
     batch_facts,
     config_hash,
     normalized_config,
     resolved_config,
     schedule_steps,
-)
-from lit_divnorm.experiments.metrics import (
-    curves_of,
-    read_metric_rows,
-    steps_per_epoch,
-    training_progress,
 )
 from lit_divnorm.experiments.paper import metric_of
 from lit_divnorm.experiments.records import (
@@ -214,14 +209,14 @@ def import_run(folder: str | Path) -> dict[str, Any]:
 
     experiment = experiment_name(experiment_config)
     metric = metric_of(experiment)
-    rows = read_metric_rows(folder / "metrics.csv")
-    steps, epochs = training_progress(rows)
+    rows = metrics.read_metric_rows(folder / "metrics.csv")
+    steps, epochs = metrics.training_progress(rows)
     if steps == 0:
         raise ValueError(f"{folder}: metrics.csv holds no training rows")
     continues = _CONTINUES.search(text)
     train_steps = [int(float(r["step"])) for r in rows if r.get("step") not in (None, "")]
     start = min(train_steps) if continues else 0
-    test_rows = read_metric_rows(folder / "test_metrics.csv")
+    test_rows = metrics.read_metric_rows(folder / "test_metrics.csv")
     if not test_rows:
         raise ValueError(f"{folder}: no test_metrics.csv with the final test metrics")
     test_metrics = {
@@ -232,7 +227,7 @@ def import_run(folder: str | Path) -> dict[str, Any]:
     value = test_metrics.get(metric) if metric else None
     _check_stated_test_value(fields, value, run_md)
     own = resolved_config(experiment_config)["trainer"]
-    schedule = schedule_steps(own, steps_per_epoch(steps, epochs))
+    schedule = schedule_steps(own, metrics.steps_per_epoch(steps, epochs))
     stated = _stated_steps(fields, title, run_md)
     _check_stated_steps(stated, steps, start, epochs, schedule, own, run_md)
     _, machine = _field(fields, "Machine", run_md)
@@ -243,7 +238,7 @@ def import_run(folder: str | Path) -> dict[str, Any]:
     config = yaml.safe_load((folder / "config.yaml").read_text())
     device = machine.split(", torch")[0].split(". ")[0]
     batch = batch_facts(config, 1 if "CPU" in device and "GPU" not in device else None)
-    curves = curves_of(rows, metric)
+    curves = metrics.curves_of(rows, metric)
     for log in sorted(folder.glob("test_every_*.log")):
         if metric == "test/acc" and parse_test_log(log):
             curves["test/acc"] = parse_test_log(log)
