@@ -197,16 +197,8 @@ def import_run(folder: str | Path) -> dict[str, Any]:
     text = run_md.read_text()
     title = text.splitlines()[0].lstrip("# ").strip()
     fields = run_md_fields(text)
-    _, config_text = _field(fields, "Config", run_md)
-    config_match = re.search(r"`(configs/[^`]+\.ya?ml)`", config_text)
-    commit_match = re.search(r"commit ([0-9a-f]{7,40})\b", config_text)
-    if config_match is None or commit_match is None:
-        raise ValueError(f"{run_md}: the Config line must name `configs/...yaml` and a commit")
-    config_path = config_match.group(1)
+    config_path, commit = _config_and_commit(fields, run_md)
     experiment_config = REPOSITORY / config_path
-    if not experiment_config.is_file():
-        raise ValueError(f"{run_md}: config {config_path} is not in this repository")
-
     experiment = experiment_name(experiment_config)
     metric = metric_of(experiment)
     rows = metrics.read_metric_rows(folder / "metrics.csv")
@@ -216,14 +208,7 @@ def import_run(folder: str | Path) -> dict[str, Any]:
     continues = _CONTINUES.search(text)
     train_steps = [int(float(r["step"])) for r in rows if r.get("step") not in (None, "")]
     start = min(train_steps) if continues else 0
-    test_rows = metrics.read_metric_rows(folder / "test_metrics.csv")
-    if not test_rows:
-        raise ValueError(f"{folder}: no test_metrics.csv with the final test metrics")
-    test_metrics = {
-        key: float(value)
-        for key, value in test_rows[-1].items()
-        if key.startswith("test/") and value not in (None, "")
-    }
+    test_metrics = _final_test_metrics(folder)
     value = test_metrics.get(metric) if metric else None
     _check_stated_test_value(fields, value, run_md)
     own = resolved_config(experiment_config)["trainer"]
@@ -231,10 +216,6 @@ def import_run(folder: str | Path) -> dict[str, Any]:
     stated = _stated_steps(fields, title, run_md)
     _check_stated_steps(stated, steps, start, epochs, schedule, own, run_md)
     _, machine = _field(fields, "Machine", run_md)
-    versions = {"python": None, **dict.fromkeys(PACKAGES)}
-    for name in PACKAGES:
-        found = re.search(rf"\b{re.escape(name)} (\d+(?:\.\d+)+)", machine)
-        versions[name] = found.group(1) if found else None
     config = yaml.safe_load((folder / "config.yaml").read_text())
     device = machine.split(", torch")[0].split(". ")[0]
     batch = batch_facts(config, 1 if "CPU" in device and "GPU" not in device else None)
@@ -244,7 +225,6 @@ def import_run(folder: str | Path) -> dict[str, Any]:
             curves["test/acc"] = parse_test_log(log)
     command_key, command = _field(fields, "Command", run_md)
     metrics_files = [folder / "metrics.csv", folder / "test_metrics.csv"]
-    commit = full_commit(commit_match.group(1))
     source = {
         "kind": "import",
         "run_dir": folder.name,
@@ -269,8 +249,8 @@ def import_run(folder: str | Path) -> dict[str, Any]:
         wall_time_s=_wall_time(machine),
         device=device,
         threads=None,
-        versions=versions,
-        git_commit=commit,
+        versions=_versions(machine),
+        git_commit=full_commit(commit),
         git_dirty=None,  # RUN.md names the commit; local edits are not recorded
         config_sha256=config_hash(config, schedule, batch["global"]),
         config=normalized_config(config),
@@ -280,6 +260,39 @@ def import_run(folder: str | Path) -> dict[str, Any]:
         curves=curves,
         source=source,
     ).as_dict()
+
+
+def _config_and_commit(fields: dict[str, str], run_md: Path) -> tuple[str, str]:
+    """(``configs/...yaml`` of this repository, the commit) that RUN.md's Config line names."""
+    _, text = _field(fields, "Config", run_md)
+    config = re.search(r"`(configs/[^`]+\.ya?ml)`", text)
+    commit = re.search(r"commit ([0-9a-f]{7,40})\b", text)
+    if config is None or commit is None:
+        raise ValueError(f"{run_md}: the Config line must name `configs/...yaml` and a commit")
+    if not (REPOSITORY / config.group(1)).is_file():
+        raise ValueError(f"{run_md}: config {config.group(1)} is not in this repository")
+    return config.group(1), commit.group(1)
+
+
+def _final_test_metrics(folder: Path) -> dict[str, float]:
+    """The ``test/*`` figures of the last row of ``folder/test_metrics.csv``."""
+    rows = metrics.read_metric_rows(folder / "test_metrics.csv")
+    if not rows:
+        raise ValueError(f"{folder}: no test_metrics.csv with the final test metrics")
+    return {
+        key: float(value)
+        for key, value in rows[-1].items()
+        if key.startswith("test/") and value not in (None, "")
+    }
+
+
+def _versions(machine: str) -> dict[str, str | None]:
+    """``{package: version}`` that a RUN.md machine line names (``torch 2.14.1``)."""
+    versions: dict[str, str | None] = {"python": None}
+    for name in PACKAGES:
+        found = re.search(rf"\b{re.escape(name)} (\d+(?:\.\d+)+)", machine)
+        versions[name] = found.group(1) if found else None
+    return versions
 
 
 def _wall_time(machine: str) -> float | None:

@@ -67,15 +67,9 @@ def slurm_script(
         else ["--results-dir", shlex.quote(str(Path(results_dir).resolve()))]
     )
     record += ["--partial"] if partial else []
-    array = f"0-{len(configs) * seed_count - 1}" + (f"%{throttle}" if throttle else "")
     lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={job_name}",
-        f"#SBATCH --array={array}",
-        f"#SBATCH --output={runs_dir}/slurm/%A_%a.out",
+        *_sbatch_lines(job_name, len(configs) * seed_count, throttle, runs_dir),
         f"#SBATCH --cpus-per-task={cpus_per_task}",
-        "#SBATCH --signal=SIGUSR1@120",
-        "#SBATCH --requeue",
         *([f"#SBATCH --time={time_limit}"] if time_limit else []),
         *(f"#SBATCH {option}" for option in options),
         "set -euo pipefail",
@@ -118,6 +112,20 @@ def slurm_script(
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _sbatch_lines(job_name: str, tasks: int, throttle: int | None, runs_dir: Path) -> list[str]:
+    """The job's name, its array of ``tasks`` (``%throttle`` at a time), its output files,
+    and what makes it survive its time limit: SIGUSR1 120 s before it, and requeueing."""
+    array = f"0-{tasks - 1}" + (f"%{throttle}" if throttle else "")
+    return [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --array={array}",
+        f"#SBATCH --output={runs_dir}/slurm/%A_%a.out",
+        "#SBATCH --signal=SIGUSR1@120",
+        "#SBATCH --requeue",
+    ]
 
 
 def _activation(environment: str | None) -> list[str]:
