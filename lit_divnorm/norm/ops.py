@@ -554,7 +554,8 @@ def channel_divisive_norm(
     position each); ``divisor`` replaces ``width`` in ``"reference"``'s divisor. Under
     ``torch.compile`` this is the operator ``lit_divnorm::channel_dn``; eager calls run the
     same kernels through an ``autograd.Function``, as :func:`local_divisive_norm` does."""
-    if not math.isfinite(alpha) or not math.isfinite(power):
+    if not torch.compiler.is_compiling() and not (math.isfinite(alpha) and math.isfinite(power)):
+        # (under dynamic compile alpha and power may be symbolic floats: no Python check)
         raise ValueError(f"alpha and power must be finite, got alpha={alpha}, power={power}")
     maps = x.unsqueeze(-1) if x.ndim == 2 else x  # (N, C) features: one position each
     config = (width, border, divisor or width, float(alpha), float(power))
