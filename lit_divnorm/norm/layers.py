@@ -172,6 +172,9 @@ class DivisiveNorm(nn.Module):
                 self.register_buffer(name, init(num_features))
             else:
                 self.register_buffer(name, None)
+        # a 0-d count of training batches where a conversion carries a torch norm's (None:
+        # not in the state_dict)
+        self.register_buffer("num_batches_tracked", None)
 
     @property
     def sigma(self) -> float | Tensor:
@@ -253,6 +256,8 @@ class DivisiveNorm(nn.Module):
 
     def _forward_general(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)  # (as torch's norms count)
         with_l1 = self.l1 > 0 and self.training
         sigma, eps = self._floor_terms()
         outputs = divisive_norm(
