@@ -91,9 +91,15 @@ class DivisiveNorm(nn.Module):
             raises ``ValueError``. Batch, layer, instance and group fields run torch's own
             kernels under every backend.
 
-    Parameters and running statistics may be cast to float16/bfloat16 with the model
-    (``model.half()``): statistics are still computed in float32 and the output has the
-    input's dtype, under autocast too.
+    Dtype rule, on every path (the C++ shortcut, every ``backend``, ``check_finite``,
+    ``torch.compile``): the output has the input's dtype, whatever the dtype of the parameters
+    and running statistics (they are brought to the computation's dtype and the running
+    statistics updated in their own). Statistics are computed in float32 for float16/bfloat16
+    inputs and in the input's dtype otherwise, under autocast too. Torch's own norms follow the
+    input where they accept mixed dtypes (float32 parameters with a bfloat16 input;
+    ``LocalResponseNorm`` with any) and refuse other mixes; this layer accepts them all. So
+    ``model.half()`` or ``.double()`` with inputs of another dtype works, and a float64 layer on
+    a float32 input returns float32.
     """
 
     def __init__(
@@ -227,8 +233,9 @@ class DivisiveNorm(nn.Module):
                 outputs = cpu.local_dn(x, plan.floor, *plan.config, plan.with_l1, self.l1)
                 if plan.with_l1:
                     record_term(self, outputs[1])
-                if self.affine:
-                    return affine(outputs[0], self.weight, self.bias)
+                if self.affine:  # (the output keeps x's dtype, whatever the weights')
+                    y = affine(outputs[0], self.weight, self.bias)
+                    return y if y.dtype is x.dtype else y.to(x.dtype)
                 return outputs[0]
         return self._forward_general(x)
 
