@@ -61,9 +61,11 @@ def check_exponent(alpha: float, power: float) -> None:
             raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
-def check_floor(sigma: float | Tensor, eps: float | Tensor) -> None:
-    """``sigma`` and ``eps`` of the floor ``sigma^2 + eps``: finite numbers ``>= 0`` (a tensor,
-    e.g. a learned one, is not checked)."""
+def check_floor(sigma: float | Tensor, eps: float | Tensor, divides: bool = True) -> None:
+    """``sigma`` and ``eps`` of the floor ``sigma^2 + eps``: finite numbers ``>= 0``, not both
+    ``0`` when the floor is under a divisor (``divides``: a suppression field), since a
+    constant region then divides ``0`` by ``0`` (NaN outputs and gradients). A tensor (a
+    learned ``softplus`` sigma, always ``> 0``) is not checked."""
     for name, value in (("sigma", sigma), ("eps", eps)):
         if isinstance(value, Tensor):
             continue
@@ -71,6 +73,13 @@ def check_floor(sigma: float | Tensor, eps: float | Tensor) -> None:
             raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    fixed = not isinstance(sigma, Tensor) and not isinstance(eps, Tensor)
+    if divides and fixed and sigma == 0 and eps == 0:
+        raise ValueError(
+            f"sigma={sigma} with eps={eps} puts a floor sigma^2 + eps = 0 under the divisor, so "
+            "a constant region gives 0 / 0 (NaN outputs and gradients); allowed: sigma > 0 or "
+            "eps > 0 (e.g. eps=1e-5), or a learned sigma (learn_sigma=True, sigma > 0)"
+        )
 
 
 def check_input(x: Tensor, name: str = "x") -> None:
@@ -206,7 +215,8 @@ def divisive_norm(
         sigma: smoothing term (``>= 0``; a float or a 0-d tensor, e.g. a learned one).
         eps: numerical floor added under the square root (positive by default, so that a
             constant region gives a finite output even with ``sigma = 0``); a float or a 0-d
-            tensor (e.g. a learned one).
+            tensor (e.g. a learned one). ``sigma = eps = 0`` with a suppression field raises
+            ``ValueError`` (a zero floor: NaN on a constant region).
         border: ``"valid"`` or ``"reference"`` (see the module docstring).
         alpha: scale of the suppression term (``> 0``; local response normalization's
             ``alpha``: torch's ``LocalResponseNorm(n, alpha, beta, k)`` is ``alpha``, ``power =
@@ -242,7 +252,7 @@ def divisive_norm(
     # eps, alpha and power may be symbolic floats, which math.isfinite cannot read (the
     # layers check theirs when built; the operators check the device when they run)
     if not torch.compiler.is_compiling():
-        check_floor(sigma, eps)
+        check_floor(sigma, eps, divides=sup_field is not None)
         check_exponent(alpha, power)
         resolve_backend(backend, x)
     dtype = compute_dtype(x.dtype)

@@ -26,6 +26,7 @@ from lit_divnorm.norm.functional import (
     affine,
     check_border,
     check_exponent,
+    check_floor,
     check_input,
     divisive_norm,
     local_config,
@@ -58,7 +59,9 @@ class DivisiveNorm(nn.Module):
         sum_field: summation field ``A`` (a :class:`Field`, a preset name such as ``"batch"``,
             ``"layer"``, ``"local"``, a mapping, or ``None`` for no centering).
         sup_field: suppression field ``B`` (likewise; ``None``: mean subtraction only).
-        sigma: smoothing term under the square root, ``>= 0``.
+        sigma: smoothing term under the square root, ``>= 0``; ``sigma = eps = 0`` with a
+            suppression field raises ``ValueError`` (a zero floor: NaN on a constant region),
+            unless ``learn_sigma`` (a learned sigma stays positive).
         learn_sigma: learn ``sigma`` (kept positive as ``softplus`` of a free parameter;
             needs ``sigma > 0`` to start from).
         affine: learn a per-channel ``gamma`` (init 1) and ``beta`` (init 0).
@@ -101,6 +104,8 @@ class DivisiveNorm(nn.Module):
     ``model.half()`` or ``.double()`` with inputs of another dtype works, and a float64 layer on
     a float32 input returns float32.
     """
+
+    _own_floor = False  # a subclass whose forward has its own floor (gdn, lcn): no floor check
 
     def __init__(
         self,
@@ -147,6 +152,8 @@ class DivisiveNorm(nn.Module):
         sum_spec, sup_spec = _apply_windows(sum_spec, sup_spec, window, sum_window, sup_window)
         sum_spec, sup_spec = _apply_groups(sum_spec, sup_spec, groups, num_features)
         sum_spec, sup_spec = _apply_channel_window(sum_spec, sup_spec, channel_window)
+        if not learn_sigma and not self._own_floor:  # (a learned sigma: softplus > 0)
+            check_floor(float(sigma), float(eps), divides=sup_spec is not None)
 
         self.num_features = num_features
         self.sum_field = sum_spec

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_divnorm.norm import DivisiveNorm, build_norm, list_norms
+from lit_divnorm.norm import PRESETS, DivisiveNorm, build_norm, divisive_norm, list_norms
 from lit_divnorm.norm import layers as layers_module
 from lit_divnorm.norm.kernels import cpu
 from lit_divnorm.norm.other_norms import GeneralizedDivisiveNorm
@@ -255,3 +255,40 @@ def test_dn_layer_settings_changed_after_a_forward_take_effect():
     layer.backend = "auto"
     layer.eval()
     torch.testing.assert_close(layer(x[:1]), _ref_dn(x[:1], 5, 3, 0.2))
+
+
+# ------------------------------------------------------------ a floor of zero is refused
+
+
+@pytest.mark.parametrize("name", ["dn", "ln", "gn", "in", "bn", "lrn", "dn*"])
+def test_sigma_zero_with_eps_zero_is_refused(name):
+    kwargs = {"groups": 2} if name == "gn" else {}
+    with pytest.raises(ValueError, match=r"sigma=0.0 with eps=0.0 .*allowed: sigma > 0 or eps > 0"):
+        build_norm(name, 4, sigma=0.0, eps=0.0, **kwargs)
+    # a positive floor either way is accepted, and finite on a constant input
+    for sigma, eps in ((0.0, 1e-5), (0.5, 0.0)):
+        layer = build_norm(name, 4, sigma=sigma, eps=eps, **kwargs)
+        x = torch.ones(2, 4, 3, 3, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+def test_a_learned_sigma_keeps_the_floor_positive_with_eps_zero():
+    layer = build_norm("dn", 4, sigma=0.5, eps=0.0, learn_sigma=True)
+    x = torch.ones(2, 4, 3, 3, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.raw_sigma.grad)
+
+
+def test_functional_refuses_a_zero_floor_under_a_divisor_only():
+    x = torch.ones(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"sigma=0 with eps=0 .*floor sigma\^2 \+ eps = 0"):
+        divisive_norm(x, PRESETS["layer"], PRESETS["layer"], sigma=0, eps=0)
+    # mean subtraction only: no divisor, nothing to refuse (the output is x - mean = 0)
+    torch.testing.assert_close(
+        divisive_norm(x, PRESETS["layer"], None, sigma=0, eps=0), torch.zeros_like(x)
+    )
+    # a learned (tensor) sigma is the caller's to keep positive
+    y = divisive_norm(x, PRESETS["layer"], PRESETS["layer"], sigma=torch.tensor(0.5), eps=0)
+    assert torch.isfinite(y).all()
