@@ -87,12 +87,28 @@ class DivisiveNorm(nn.Module):
         sync_batch: fields that span the batch average over every rank's batch under an
             initialized process group (set by :class:`lit_divnorm.distributed.NormSync`,
             which ``--trainer.sync_batchnorm=true`` installs).
-        backend: the kernels of the local and channel-window fields
-            (:mod:`lit_divnorm.norm.ops`): ``"auto"`` (C++ on the CPU, eager PyTorch
-            elsewhere), ``"native"``, ``"triton"``, ``"compile"`` (``torch.compile`` of the
-            eager kernels) or ``"torch"``; a backend that cannot run on the input's device
-            raises ``ValueError``. Batch, layer, instance and group fields run torch's own
-            kernels under every backend.
+        backend: which kernels run (:mod:`lit_divnorm.norm.ops`): ``"auto"``, ``"native"``
+            (the C++ kernels, CPU tensors), ``"triton"`` (CUDA tensors; CPU tensors only
+            under ``TRITON_INTERPRET=1``), ``"compile"`` (``torch.compile`` of the eager
+            kernels) or ``"torch"`` (eager PyTorch). A backend that cannot run on the input
+            raises ``ValueError`` saying why (``"triton"`` on a CPU tensor: Triton runs on
+            CUDA; ``"native"`` off the CPU or without a compiler). What runs, by field:
+
+            - local DN over all channels (dn, dn*) and the channel window (lrn): the operator
+              of :mod:`lit_divnorm.norm.ops` in the backend's kernels; ``"auto"`` is C++ on
+              the CPU (where it builds), Triton on CUDA (float64: eager), else eager;
+            - local mean subtraction (dnms): C++ under ``"auto"``/``"native"`` for float32
+              and float64 CPU tensors, else the eager passes;
+            - whole groups of units (bn, ln, in, gn types): with a fixed sigma, no L1 term
+              and both fields the same (bn, ln, in, gn, bn-s, ln-s), torch's own
+              ``batch_norm``/``group_norm`` under every backend (rmsnorm: ``rms_norm``);
+              with an L1 term, mean subtraction only, no centring or a learned sigma (bn*,
+              ln*, bnms, lnms, frn, ...) the C++ ``field_norm`` under ``"auto"``/
+              ``"native"`` for float32/float64 CPU tensors in training (and without running
+              statistics in eval), else torch's kernels and the L1 term, or the equations
+              term by term (``"triton"`` has no kernel of its own for these fields);
+            - under ``torch.compile``: the operators for local DN and the channel window, and
+              plain tensor operations (no C++) for everything else.
 
     Dtype rule, on every path (the C++ shortcut, every ``backend``, ``check_finite``,
     ``torch.compile``): the output has the input's dtype, whatever the dtype of the parameters

@@ -11,6 +11,7 @@ from lit_divnorm.norm import PRESETS, DivisiveNorm, build_norm, divisive_norm, l
 from lit_divnorm.norm import layers as layers_module
 from lit_divnorm.norm.kernels import cpu
 from lit_divnorm.norm.other_norms import GeneralizedDivisiveNorm
+from lit_divnorm.norm.sparsity import sparsity_penalty
 from tests.norm.reference import RefField, ref_divisive_norm
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -292,3 +293,31 @@ def test_functional_refuses_a_zero_floor_under_a_divisor_only():
     # a learned (tensor) sigma is the caller's to keep positive
     y = divisive_norm(x, PRESETS["layer"], PRESETS["layer"], sigma=torch.tensor(0.5), eps=0)
     assert torch.isfinite(y).all()
+
+
+# ---------------------------------------------- backend="triton" on a CPU bn* layer: why
+
+
+def test_triton_backend_on_a_cpu_bn_star_layer_says_why_it_cannot_run(monkeypatch):
+    from lit_divnorm.norm.kernels import triton as triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "_INTERPRETED", False)
+    layer = build_norm("bn*", 4, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run on a tensor on 'cpu'.*CUDA"):
+        layer(torch.randn(2, 4, 3, 3))
+
+
+def test_triton_backend_bn_star_under_the_interpreter_is_batch_norm_and_its_l1():
+    from lit_divnorm.norm.kernels import triton as triton_kernels
+
+    if not (triton_kernels.available() and triton_kernels.interpreted()):
+        pytest.skip("needs Triton under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    torch.manual_seed(0)
+    layer = build_norm("bn*", 4, backend="triton", sigma=0.0).train()  # (Triton: no float64)
+    x = torch.randn(3, 4, 5, 5)
+    y = layer(x)
+    reference = nn.BatchNorm2d(4, eps=layer.eps).train()
+    torch.testing.assert_close(y, reference(x))
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+    l1 = (x - x.mean(dim=(0, 2, 3), keepdim=True)).abs().mean() * layer.l1
+    torch.testing.assert_close(sparsity_penalty(layer), l1)
