@@ -32,7 +32,7 @@ from lit_divnorm.norm.functional import (
     local_config,
 )
 from lit_divnorm.norm.kernels import cpu
-from lit_divnorm.norm.ops import LocalConfig, check_backend
+from lit_divnorm.norm.ops import LocalConfig, check_backend, transformed
 from lit_divnorm.norm.sparsity import record_sparsity, record_term
 
 _NATIVE_PLAN = "_native_plan_cache"
@@ -108,7 +108,13 @@ class DivisiveNorm(nn.Module):
               statistics in eval), else torch's kernels and the L1 term, or the equations
               term by term (``"triton"`` has no kernel of its own for these fields);
             - under ``torch.compile``: the operators for local DN and the channel window, and
-              plain tensor operations (no C++) for everything else.
+              plain tensor operations (no C++) for everything else;
+            - under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...): every field
+              in its eager torch formula, which the transform differentiates and batches.
+              Fields that span the batch follow torch.func's BatchNorm recipe: eval mode uses
+              the running statistics; to train under ``vmap`` drop them
+              (``layer.running_mean = layer.running_var = None``) and each vmapped sample is a
+              batch of its own. An L1 term recorded under a transform holds its tensors.
 
     Dtype rule, on every path (the C++ shortcut, every ``backend``, ``check_finite``,
     ``torch.compile``): the output has the input's dtype, whatever the dtype of the parameters
@@ -252,6 +258,7 @@ class DivisiveNorm(nn.Module):
                 and x.is_cpu
                 and x.shape[1] == self.num_features
                 and not torch.is_autocast_enabled("cpu")
+                and not transformed()  # (torch.func: the general path's eager formulas)
             ):
                 outputs = cpu.local_dn(x, plan.floor, *plan.config, plan.with_l1, self.l1)
                 if plan.with_l1:

@@ -97,6 +97,14 @@ def _kernels(name: str):
     return triton_kernels if name == "triton" else eager
 
 
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``, ...) is
+    active. The C++ operators' autograd and the hand-written ``autograd.Function`` classes cannot
+    run under one, so every operator then runs its eager torch formula (the ``"torch"``
+    kernels' forward) and the transform differentiates and batches that."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: float32 for half precision, else ``dtype``."""
     return torch.float32 if dtype in LOW_PRECISION else dtype
@@ -302,6 +310,10 @@ def local_divisive_norm(
         )
         return y, (l1 if with_l1 else None)
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
+    if transformed():  # torch.func: the eager formula, differentiated by the transform
+        check_backend(backend)
+        y, _, l1 = _local_forward(x, floor, config, with_l1, "torch")
+        return y, l1
     name = resolve_backend(backend, x)
     if name == "native":  # the C++ operator, its autograd in C++ too
         outputs = cpu.local_dn(as_dtype(x, compute_dtype(x.dtype)), floor, *config, with_l1)
@@ -317,12 +329,14 @@ def local_divisive_norm(
 
 def field_kernel_applies(x: Tensor, backend: str) -> bool:
     """Whether :func:`field_norm` runs for ``x``: float32/float64 on the CPU with the C++
-    kernels (backend ``auto`` or ``native``), outside ``torch.compile``."""
+    kernels (backend ``auto`` or ``native``), outside ``torch.compile`` and ``torch.func``
+    transforms."""
     return (
         backend in ("auto", "native")
         and x.is_cpu
         and x.dtype in cpu.DTYPES
         and not torch.compiler.is_compiling()
+        and not transformed()
         and cpu.available()
     )
 
@@ -374,7 +388,7 @@ def local_centring(
     """``x - A(mean_c x)`` for ``x`` ``(N, C, *P)``, any device: the C++ kernel for float32 and
     float64 CPU tensors under ``backend`` ``"auto"``/``"native"``, else the eager passes
     (traced as plain tensor operations under ``torch.compile``)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transformed():
         return eager.local_centre_forward(x, sum_windows, border)
     native = x.dtype in cpu.DTYPES and resolve_backend(backend, x) == "native"
     return _LocalCentring.apply(x, tuple(sum_windows), border, native)
@@ -403,7 +417,10 @@ class CentredAbsMean(torch.autograd.Function):
 
 
 def centred_abs_mean(x: Tensor, mean: Tensor) -> Tensor:
-    """``mean |x - mean|`` (the L1 sparsity term) with ``x``-sized memory for backward."""
+    """``mean |x - mean|`` (the L1 sparsity term) with ``x``-sized memory for backward
+    (under ``torch.func`` transforms: plain tensor operations)."""
+    if transformed():
+        return torch.sub(x, mean).abs().mean()
     return CentredAbsMean.apply(x, mean)
 
 
@@ -563,6 +580,9 @@ def channel_divisive_norm(
         if not isinstance(floor, Tensor):
             floor = torch.tensor(float(floor), dtype=torch.float64)
         y = channel_dn(maps, floor, *config, backend)
+    elif transformed():  # torch.func: the eager formula, differentiated by the transform
+        check_backend(backend)
+        y = _channel_forward(maps, floor, config, "torch")
     else:
         y = _ChannelDivisiveNorm.apply(maps, floor, config, backend)
     return y.squeeze(-1) if x.ndim == 2 else y

@@ -116,13 +116,20 @@ class NonNegative:
 
 
 class _LowerBound(torch.autograd.Function):
-    """``max(p, bound)``; gradient passed where ``p >= bound`` or the gradient is negative."""
+    """``max(p, bound)``; gradient passed where ``p >= bound`` or the gradient is negative
+    (``setup_context`` and a generated vmap rule: it runs under ``torch.func`` transforms)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, raw: Tensor, bound: float) -> Tensor:  # type: ignore[override]
+    def forward(raw: Tensor, bound: float) -> Tensor:  # type: ignore[override]
+        return torch.clamp_min(raw, bound)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        raw, bound = inputs
         ctx.save_for_backward(raw)
         ctx.bound = bound
-        return torch.clamp_min(raw, bound)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
