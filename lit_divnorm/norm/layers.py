@@ -14,6 +14,7 @@ output the same.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -31,8 +32,7 @@ from lit_divnorm.norm.functional import (
     divisive_norm,
     local_config,
 )
-from lit_divnorm.norm.kernels import cpu
-from lit_divnorm.norm.ops import LocalConfig, check_backend, transformed
+from lit_divnorm.norm.ops import check_backend, native_local_dn, native_takes
 from lit_divnorm.norm.sparsity import record_sparsity, record_term
 
 _NATIVE_PLAN = "_native_plan_cache"
@@ -42,8 +42,7 @@ class NativePlan(NamedTuple):
     """A layer's call of the C++ local DN operator (see ``DivisiveNorm._native_plan``)."""
 
     ndim: int
-    config: LocalConfig
-    floor: float
+    call: Callable[[Tensor], list[Tensor]]
     with_l1: bool
 
 
@@ -246,39 +245,27 @@ class DivisiveNorm(nn.Module):
         self.__dict__.pop(_NATIVE_PLAN, None)  # any setting may change the plan
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.compiler.is_compiling():  # (compiled: the general path's custom ops)
-            plan = self.__dict__.get(_NATIVE_PLAN)
-            if plan is None:
-                plan = self.__dict__[_NATIVE_PLAN] = self._native_plan(x.ndim)
-            if (
-                plan
-                and type(x) is Tensor
-                and x.ndim == plan.ndim
-                and x.dtype in cpu.DTYPES
-                and x.is_cpu
-                and x.shape[1] == self.num_features
-                and not torch.is_autocast_enabled("cpu")
-                and not transformed()  # (torch.func: the general path's eager formulas)
-            ):
-                outputs = cpu.local_dn(x, plan.floor, *plan.config, plan.with_l1, self.l1)
-                if plan.with_l1:
-                    record_term(self, outputs[1])
-                if self.affine:  # (the output keeps x's dtype, whatever the weights')
-                    y = affine(outputs[0], self.weight, self.bias)
-                    return y if y.dtype is x.dtype else y.to(x.dtype)
-                return outputs[0]
+        plan = self.__dict__.get(_NATIVE_PLAN)
+        if plan is None:
+            plan = self.__dict__[_NATIVE_PLAN] = self._native_plan(x.ndim)
+        if plan and x.ndim == plan.ndim and x.shape[1] == self.num_features and native_takes(x):
+            outputs = plan.call(x)  # the C++ operator (outside compile and torch.func)
+            if plan.with_l1:
+                record_term(self, outputs[1])
+            if self.affine:  # (the output keeps x's dtype, whatever the weights')
+                y = affine(outputs[0], self.weight, self.bias)
+                return y if y.dtype is x.dtype else y.to(x.dtype)
+            return outputs[0]
         return self._forward_general(x)
 
     def _native_plan(self, ndim: int) -> NativePlan | tuple[()]:
-        """What :meth:`forward` passes the C++ local DN operator for ``ndim``-D inputs, when
-        the layer is local DN over all channels with a fixed floor and the C++ kernels are
-        built; ``()`` otherwise. The call skips the general path's checks and dispatch, which
-        cost about 10 us of Python per call, three times that when the rest of a network has
-        evicted the interpreter's state from the caches. Kept until an attribute is set."""
+        """What :meth:`forward` calls for ``ndim``-D inputs when the layer is local DN over all
+        channels with a fixed floor and ``backend`` runs the C++ kernels
+        (:func:`lit_divnorm.norm.ops.native_local_dn` decides); ``()`` otherwise. Kept until
+        an attribute is set."""
         sigma, eps = self._floor_terms()
         if (
-            self.backend not in ("auto", "native")
-            or self.check_finite
+            self.check_finite
             or (self.alpha, self.power) != (1.0, 0.5)
             or isinstance(sigma, Tensor)
             or isinstance(eps, Tensor)
@@ -286,10 +273,11 @@ class DivisiveNorm(nn.Module):
         ):
             return ()
         config = local_config(self.sum_field, self.sup_field, self.border, ndim)
-        if config is None or not cpu.available():
+        if config is None:
             return ()
         with_l1 = self.l1 > 0 and self.training
-        return NativePlan(ndim, config, sigma * sigma + eps, with_l1)
+        call = native_local_dn(config, sigma * sigma + eps, with_l1, self.l1, self.backend)
+        return () if call is None else NativePlan(ndim, call, with_l1)
 
     def _forward_general(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -89,6 +89,40 @@ def resolve_backend(backend: str, x: Tensor) -> str:
             "'auto', 'compile' and 'torch' run everywhere"
         )
     return backend
+
+
+def native_takes(x: Tensor) -> bool:
+    """Whether the C++ kernels take ``x`` now (the tensor's half of the decision; the
+    backend's half is :func:`resolve_backend`): a plain float32/float64 CPU tensor, outside
+    ``torch.compile``, ``torch.func`` transforms and CPU autocast."""
+    return (
+        type(x) is Tensor
+        and x.is_cpu
+        and x.dtype in cpu.DTYPES
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not transformed()
+    )
+
+
+def native_local_dn(
+    config: LocalConfig, floor: float, with_l1: bool, l1_weight: float, backend: str
+) -> Callable[[Tensor], list[Tensor]] | None:
+    """A layer's call of the C++ local DN operator ``lit_divnorm_cpu::local_dn`` for a fixed
+    geometry and ``floor``: ``call(x)`` gives ``[y]`` or, with ``with_l1``,
+    ``[y, l1_weight * mean|x - m|]``, its autograd in C++ (for ``x`` where
+    :func:`native_takes`). ``None`` where ``backend`` does not run the C++ kernels on the CPU
+    (not ``"auto"``/``"native"``, or no compiler). The call skips the general path's checks
+    and dispatch, about 10 us of Python per call."""
+    if backend not in ("auto", "native") or not cpu.available():
+        return None
+    specs = cpu.window_specs(*config)
+    operator = torch.ops.lit_divnorm_cpu.local_dn
+
+    def call(x: Tensor) -> list[Tensor]:
+        return operator(x, None, floor, *specs, with_l1, l1_weight)
+
+    return call
 
 
 def _kernels(name: str):
@@ -331,14 +365,7 @@ def field_kernel_applies(x: Tensor, backend: str) -> bool:
     """Whether :func:`field_norm` runs for ``x``: float32/float64 on the CPU with the C++
     kernels (backend ``auto`` or ``native``), outside ``torch.compile`` and ``torch.func``
     transforms."""
-    return (
-        backend in ("auto", "native")
-        and x.is_cpu
-        and x.dtype in cpu.DTYPES
-        and not torch.compiler.is_compiling()
-        and not transformed()
-        and cpu.available()
-    )
+    return backend in ("auto", "native") and native_takes(x) and cpu.available()
 
 
 def field_norm(
@@ -390,7 +417,7 @@ def local_centring(
     (traced as plain tensor operations under ``torch.compile``)."""
     if torch.compiler.is_compiling() or transformed():
         return eager.local_centre_forward(x, sum_windows, border)
-    native = x.dtype in cpu.DTYPES and resolve_backend(backend, x) == "native"
+    native = native_takes(x) and resolve_backend(backend, x) == "native"
     return _LocalCentring.apply(x, tuple(sum_windows), border, native)
 
 
@@ -586,3 +613,11 @@ def channel_divisive_norm(
     else:
         y = _ChannelDivisiveNorm.apply(maps, floor, config, backend)
     return y.squeeze(-1) if x.ndim == 2 else y
+
+
+# ---- the fused LSTM's C++ pieces (models/fused_rnn.py goes through here, not kernels/) ----
+
+native_applies = cpu.applies  # a float32/float64 CPU tensor, the library built
+box_rows = cpu.box_rows  # box means along the last axis (and their transpose)
+lstm_forward_steps = cpu.lstm_forward_steps  # the C++ time steps of FusedLSTM
+lstm_backward_steps = cpu.lstm_backward_steps

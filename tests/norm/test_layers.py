@@ -231,7 +231,8 @@ def test_dn_layer_calls_the_cpu_operator_directly_and_falls_back_under_autocast(
     """float32/float64 CPU maps go from the layer straight to the C++ operator; autocast (and
     every other case) takes divisive_norm's general path."""
     general = _counting(monkeypatch, layers_module, "divisive_norm")
-    operator = _counting(monkeypatch, cpu, "local_dn")
+    assert cpu.available()  # (registers the operators)
+    operator = _counting(monkeypatch, torch.ops.lit_divnorm_cpu, "local_dn")
     layer = build_norm("dn", 4, window=3)
     x = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(layer(x), _ref_dn(x.double(), 3, 3, 0.5).float(), **TOL)
