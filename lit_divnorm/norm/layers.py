@@ -245,17 +245,19 @@ class DivisiveNorm(nn.Module):
         self.__dict__.pop(_NATIVE_PLAN, None)  # any setting may change the plan
 
     def forward(self, x: Tensor) -> Tensor:
-        plan = self.__dict__.get(_NATIVE_PLAN)
-        if plan is None:
-            plan = self.__dict__[_NATIVE_PLAN] = self._native_plan(x.ndim)
-        if plan and x.ndim == plan.ndim and x.shape[1] == self.num_features and native_takes(x):
-            outputs = plan.call(x)  # the C++ operator (outside compile and torch.func)
-            if plan.with_l1:
-                record_term(self, outputs[1])
-            if self.affine:  # (the output keeps x's dtype, whatever the weights')
-                y = affine(outputs[0], self.weight, self.bias)
-                return y if y.dtype is x.dtype else y.to(x.dtype)
-            return outputs[0]
+        if not torch.compiler.is_compiling():  # (compiled: the general path's custom ops)
+            plan = self.__dict__.get(_NATIVE_PLAN)
+            if plan is None:
+                plan = self.__dict__[_NATIVE_PLAN] = self._native_plan(x.ndim)
+            if plan and x.ndim == plan.ndim and x.shape[1] == self.num_features:
+                if native_takes(x):  # the C++ operator (not under torch.func, autocast)
+                    outputs = plan.call(x)
+                    if plan.with_l1:
+                        record_term(self, outputs[1])
+                    if self.affine:  # (the output keeps x's dtype, whatever the weights')
+                        y = affine(outputs[0], self.weight, self.bias)
+                        return y if y.dtype is x.dtype else y.to(x.dtype)
+                    return outputs[0]
         return self._forward_general(x)
 
     def _native_plan(self, ndim: int) -> NativePlan | tuple[()]:
