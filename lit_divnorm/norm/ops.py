@@ -1,28 +1,49 @@
 """The norms' operators: ``torch.library`` custom ops, their autograd and the one dispatch.
 
-Two operators carry the fields that torch has no kernel for (see :mod:`lit_divnorm.norm.kernels`
-for the formulas):
+What runs for my tensor, under ``backend="auto"`` with the C++ kernels built ("C++ op": an
+operator of :mod:`.kernels.cpu` whose autograd is C++; "custom op": one of this module's
+``torch.library`` operators, one ``register_autograd`` each; CPU float16/bfloat16 inputs run as
+float32 on a float32 copy, the output cast back)::
+
+    local DN over all channels (dn, dn*)
+      CPU float32/float64    C++ op lit_divnorm_cpu::local_dn (the layer calls it directly)
+      CUDA, not float64      Triton kernels in an autograd.Function (eager ones without Triton)
+      CUDA float64           the eager kernels in the same autograd.Function
+      under torch.compile    custom op lit_divnorm::local_dn, its kernels picked as above
+    channel window (lrn)
+      everywhere             custom op lit_divnorm::channel_dn, eager and compiled: the C++
+                             kernel on the CPU, Triton on CUDA (not float64), else eager
+    local centring (dnms)
+      CPU float32/float64    the C++ kernel (ctypes) in an autograd.Function
+      elsewhere              the eager passes (under torch.compile: plain tensor ops)
+    whole-group fields with an L1 term, mean subtraction only, no centring or a learned
+    sigma (bn*, ln*, bn-l1, ln-l1, bnms, lnms, frn)
+      CPU float32/float64    C++ op lit_divnorm_cpu::field_norm (in training, and in eval
+                             without running statistics; eval with them: torch's kernels)
+      elsewhere, compiled    torch's batch_norm/group_norm and the L1 term, or term by term
+    plain bn, bn-s, ln, ln-s, in, gn (rmsnorm)
+      everywhere             torch's batch_norm/group_norm (rms_norm)
+    any norm under torch.func (vmap, grad, jacrev, ...)
+      everywhere             the eager formulas (no custom op, no C++), which the transform
+                             differentiates and batches
+
+Two decisions, both here: :func:`resolve_backend` (the ``backend`` argument against the device:
+``"auto"`` resolved, the others checked with a clear error) and :func:`native_takes` (whether
+the C++ kernels take this tensor now). ``backend="native"`` forces the C++ kernels (CPU only),
+``"triton"`` the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"compile"``
+``torch.compile`` of the eager kernels, ``"torch"`` the eager kernels; the fields have no
+Triton kernel and run torch's kernels under ``"triton"``.
+
+Two custom ops carry the fields that torch has no kernel for (see :mod:`.kernels` for the
+formulas):
 
 - ``lit_divnorm::local_dn``: divisive normalization over all channels and local positional
-  windows, ``(N, C, *P)`` maps and ``(N, 1, C)`` feature rows alike; outputs ``(y, stats, l1)``.
+  windows, ``(N, C, *P)`` maps and ``(N, 1, C)`` feature rows alike; outputs ``(y, stats, l1)``;
 - ``lit_divnorm::channel_dn``: the channel-window field (local response normalization),
   ``y = x (floor + alpha B_c(x^2))^(-power)``.
 
-Each has a hand-written backward (its own operator), a fake kernel (so ``torch.compile`` traces
-through them with ``fullgraph=True``) and this dispatch, by ``backend`` and device:
-
-=========  ===============================================  ==============================
-backend    runs                                             where
-=========  ===============================================  ==============================
-auto       native on the CPU (when the C++ kernels build),  everywhere
-           triton on CUDA (when its kernels are there),
-           torch otherwise
-native     the C++ kernels (:mod:`.kernels.cpu`)            CPU tensors
-triton     the Triton kernels (:mod:`.kernels.triton`)      CUDA tensors (CPU tensors in
-                                                            Triton's interpreter)
-compile    ``torch.compile`` of the eager kernels           everywhere
-torch      the eager kernels (:mod:`.kernels.eager`)        everywhere
-=========  ===============================================  ==============================
+Each has a hand-written backward (its own operator, ``*_backward``), a fake kernel (so
+``torch.compile`` traces through them with ``fullgraph=True``) and ``register_autograd``.
 
 Statistics are float32 for every input dtype and autocast state: float16/bfloat16 inputs are
 normalized in float32 (autocast off) and the output comes back in the input's dtype; float64
@@ -505,24 +526,6 @@ def _channel_backward(
     return grad_x.to(x.dtype), grad_floor
 
 
-class _ChannelDivisiveNorm(torch.autograd.Function):
-    """Eager calls of ``lit_divnorm::channel_dn``'s kernels and hand-written backward."""
-
-    @staticmethod
-    def forward(ctx, x, floor, config, backend):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.args = (floor, config, backend)
-        return _channel_forward(x, floor, config, backend)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        floor, config, backend = ctx.args
-        grad_x, grad_floor = _channel_backward(grad_y, x, floor, config, backend)
-        return grad_x, _floor_grad(ctx, grad_floor, floor), None, None
-
-
 @torch.library.custom_op("lit_divnorm::channel_dn", mutates_args=())
 def channel_dn(
     x: Tensor,
@@ -595,23 +598,22 @@ def channel_divisive_norm(
     backend: str = "auto",
 ) -> Tensor:
     """``x (floor + alpha B_c(x^2))^(-power)`` for ``x`` ``(N, C, *P)`` (``(N, C)``: one
-    position each); ``divisor`` replaces ``width`` in ``"reference"``'s divisor. Under
-    ``torch.compile`` this is the operator ``lit_divnorm::channel_dn``; eager calls run the
-    same kernels through an ``autograd.Function``, as :func:`local_divisive_norm` does."""
+    position each); ``divisor`` replaces ``width`` in ``"reference"``'s divisor. Eager and
+    compiled calls alike are the operator ``lit_divnorm::channel_dn`` (its backward the
+    operator ``lit_divnorm::channel_dn_backward``); under ``torch.func`` transforms the eager
+    formula, which the transform differentiates."""
     if not torch.compiler.is_compiling() and not (math.isfinite(alpha) and math.isfinite(power)):
         # (under dynamic compile alpha and power may be symbolic floats: no Python check)
         raise ValueError(f"alpha and power must be finite, got alpha={alpha}, power={power}")
     maps = x.unsqueeze(-1) if x.ndim == 2 else x  # (N, C) features: one position each
     config = (width, border, divisor or width, float(alpha), float(power))
-    if torch.compiler.is_compiling():
+    if transformed() and not torch.compiler.is_compiling():
+        check_backend(backend)  # torch.func: the eager formula, differentiated by the transform
+        y = _channel_forward(maps, floor, config, "torch")
+    else:  # eager and compiled alike: the one operator, its one autograd
         if not isinstance(floor, Tensor):
             floor = torch.tensor(float(floor), dtype=torch.float64)
         y = channel_dn(maps, floor, *config, backend)
-    elif transformed():  # torch.func: the eager formula, differentiated by the transform
-        check_backend(backend)
-        y = _channel_forward(maps, floor, config, "torch")
-    else:
-        y = _ChannelDivisiveNorm.apply(maps, floor, config, backend)
     return y.squeeze(-1) if x.ndim == 2 else y
 
 
