@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -126,24 +126,33 @@ def native_takes(x: Tensor) -> bool:
     )
 
 
-def native_local_dn(
-    config: LocalConfig, floor: float, with_l1: bool, l1_weight: float, backend: str
-) -> Callable[[Tensor], list[Tensor]] | None:
+class NativeLocalDN:
     """A layer's call of the C++ local DN operator ``lit_divnorm_cpu::local_dn`` for a fixed
     geometry and ``floor``: ``call(x)`` gives ``[y]`` or, with ``with_l1``,
     ``[y, l1_weight * mean|x - m|]``, its autograd in C++ (for ``x`` where
-    :func:`native_takes`). ``None`` where ``backend`` does not run the C++ kernels on the CPU
-    (not ``"auto"``/``"native"``, or no compiler). The call skips the general path's checks
-    and dispatch, about 10 us of Python per call."""
+    :func:`native_takes`). A plain object, so a layer holding one still pickles and copies."""
+
+    __slots__ = ("floor", "l1_weight", "specs", "with_l1")
+
+    def __init__(self, config: LocalConfig, floor: float, with_l1: bool, l1_weight: float) -> None:
+        self.specs = cpu.window_specs(*config)
+        self.floor, self.with_l1, self.l1_weight = float(floor), with_l1, float(l1_weight)
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        return torch.ops.lit_divnorm_cpu.local_dn(
+            x, None, self.floor, *self.specs, self.with_l1, self.l1_weight
+        )
+
+
+def native_local_dn(
+    config: LocalConfig, floor: float, with_l1: bool, l1_weight: float, backend: str
+) -> NativeLocalDN | None:
+    """The layer's :class:`NativeLocalDN`, or ``None`` where ``backend`` does not run the C++
+    kernels on the CPU (not ``"auto"``/``"native"``, or no compiler). The call skips the
+    general path's checks and dispatch, about 10 us of Python per call."""
     if backend not in ("auto", "native") or not cpu.available():
         return None
-    specs = cpu.window_specs(*config)
-    operator = torch.ops.lit_divnorm_cpu.local_dn
-
-    def call(x: Tensor) -> list[Tensor]:
-        return operator(x, None, floor, *specs, with_l1, l1_weight)
-
-    return call
+    return NativeLocalDN(config, floor, with_l1, l1_weight)
 
 
 def _kernels(name: str):
