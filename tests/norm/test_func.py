@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lit_divnorm.norm import build_norm, list_norms
 
@@ -116,3 +117,27 @@ def test_jacrev_equals_finite_differences(case):
     numeric = torch.stack(columns, dim=1)
     torch.testing.assert_close(jacobian, numeric, rtol=1e-5, atol=1e-6)
     module.__dict__.pop("sparsity_terms", None)
+
+
+class _TouchStorage(TorchDispatchMode):
+    """Reads the storage of every tensor an operator gets (as opcheck and C++ kernels do)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for arg in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(arg, torch.Tensor):
+                arg.untyped_storage()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["lrn", "lrn-alexnet", "dn", "dnms"])
+def test_no_tensor_made_under_a_transform_outlives_it(name):
+    """Box matrices are cached; one first built under jacrev would be the transform's wrapper,
+    whose storage cannot be read after it (opcheck failed on such a cached matrix)."""
+    kwargs = {"window": 3} if name.startswith("dn") else {}
+    module = build_norm(name, 7, backend="torch", **kwargs).double()
+    x = torch.randn(2, 7, 3, 5, dtype=torch.float64)  # (sizes no other test caches)
+    jacrev(lambda s: module(s))(x)
+    with _TouchStorage():
+        y = module(x.requires_grad_(True))
+        y.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
