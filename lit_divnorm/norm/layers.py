@@ -284,7 +284,8 @@ class DivisiveNorm(nn.Module):
     def _forward_general(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.training and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)  # (as torch's norms count)
+            if self.running_mean is not None or self.running_var is not None:
+                self.num_batches_tracked.add_(1)  # (as torch's norms count, with their stats)
         with_l1 = self.l1 > 0 and self.training
         sigma, eps = self._floor_terms()
         outputs = divisive_norm(

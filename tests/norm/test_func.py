@@ -141,3 +141,25 @@ def test_no_tensor_made_under_a_transform_outlives_it(name):
         y = module(x.requires_grad_(True))
         y.square().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_a_converted_batch_norm_trains_under_vmap_by_torch_funcs_recipe():
+    """convert_norms carries num_batches_tracked; with the running statistics dropped (the
+    recipe) nothing is updated in place, and per-sample gradients equal a loop."""
+    from lit_divnorm.norm import convert_norms
+
+    layer = convert_norms(nn.Sequential(nn.BatchNorm2d(4).double()), "bn")[0].train()
+    layer.running_mean = layer.running_var = None
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+
+    def loss(params, sample):
+        return functional_call(layer, params, (sample.unsqueeze(0),)).square().mean()
+
+    grads = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        torch_bn = nn.BatchNorm2d(4, track_running_stats=False).double()  # torch's own
+        torch_bn.load_state_dict({"weight": layer.weight, "bias": layer.bias})
+        torch_bn(x[i : i + 1]).square().mean().backward()
+        torch.testing.assert_close(grads["weight"][i], torch_bn.weight.grad)
+        torch.testing.assert_close(grads["bias"][i], torch_bn.bias.grad)
