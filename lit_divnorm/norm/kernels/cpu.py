@@ -303,7 +303,8 @@ def _build(compiler: str) -> Path:
         except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
             detail = str(getattr(error, "stderr", None) or error)[-2000:]  # (a compiler's tail)
             if not isinstance(error, subprocess.TimeoutExpired):  # (a slow machine may retry)
-                marker.write_text(detail)
+                with contextlib.suppress(OSError):  # (a cache it cannot write: not remembered)
+                    marker.write_text(detail)
             say(f"the C++ CPU kernels failed to build after {time.monotonic() - start:.0f} s")
             raise BuildFailed(detail) from error
         say(f"built the C++ CPU kernels in {time.monotonic() - start:.0f} s: {target}")
