@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from lit_divnorm.norm import ops  # (the C++ pieces go through the norms' operators)
 from lit_divnorm.norm.fields import Field
 from lit_divnorm.norm.functional import Border, field_mean, suppression_divisor
-from lit_divnorm.norm.kernels import cpu
 from lit_divnorm.norm.layers import DivisiveNorm
 
 FAST_DTYPES = (torch.float32, torch.float64)
@@ -84,16 +84,16 @@ class FeatureNormPlan:
         if getattr(self, f"{which}_uniform"):
             return u.mean(dim=-1, keepdim=True)
         box = getattr(self, f"{which}_box")
-        if box is not None and cpu.applies(u):
-            return cpu.box_rows(u, box)
+        if box is not None and ops.native_applies(u):
+            return ops.box_rows(u, box)
         return u @ getattr(self, which)
 
     def mean_adjoint(self, g: Tensor, which: str) -> Tensor:
         if getattr(self, f"{which}_uniform"):
             return g.mean(dim=-1, keepdim=True)
         box = getattr(self, f"{which}_box")
-        if box is not None and cpu.applies(g):
-            return cpu.box_rows(g, box, adjoint=True)
+        if box is not None and ops.native_applies(g):
+            return ops.box_rows(g, box, adjoint=True)
         return g @ getattr(self, which).T
 
     def center_weight(self, weight: Tensor) -> Tensor:
@@ -228,7 +228,7 @@ def native_lstm_specs(
 ) -> tuple[tuple[int, int, int, int], ...] | None:
     """The C++ step's field specs (gate suppression, cell summation, cell suppression), or
     ``None`` where it does not apply (not a float CPU tensor, no compiler, another field)."""
-    if not cpu.applies(projected):
+    if not ops.native_applies(projected):
         return None
     specs = (gate_plan.row_spec("scale"), cell_plan.row_spec("center"), cell_plan.row_spec("scale"))
     return None if any(spec is None for spec in specs) else specs
@@ -286,7 +286,7 @@ class FusedLSTM(torch.autograd.Function):
                 "cell_r": cell_r, "tanh_n": tanh_n, "hs": hs,
             }  # fmt: skip
             floors = (gate_plan.floor, cell_plan.floor)
-            step = cpu.lstm_forward_steps(buffers, specs, floors, l1_sums)
+            step = ops.lstm_forward_steps(buffers, specs, floors, l1_sums)
             for t in range(steps):
                 torch.addmm(projected[t], hs[t], weight_t, out=v[t] if keep_gate_v else v)
                 step(t)
@@ -355,7 +355,7 @@ class FusedLSTM(torch.autograd.Function):
                 "gate_r": gate_r, "cell_v": cell_v, "cell_r": cell_r,
             }  # fmt: skip
             l1_coefs = tuple(0.0 if coef is None else float(coef) for coef in (gate_l1, cell_l1))
-            step = cpu.lstm_backward_steps(grads, saved, ctx.specs, l1_coefs)
+            step = ops.lstm_backward_steps(grads, saved, ctx.specs, l1_coefs)
             for t in reversed(range(steps)):
                 step(t)
                 torch.mm(grad_a[t], hidden_weight, out=grad_h)

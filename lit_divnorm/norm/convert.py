@@ -39,14 +39,17 @@ sequence-first models.
 
 Same kind: when both of the new norm's fields are the layer's own (bn for BatchNorm, in for
 InstanceNorm, gn for GroupNorm, ln for LayerNorm), it takes over the layer's eps, momentum,
-groups, per-channel affine weights and running statistics (and the synchronization of a
-``SyncBatchNorm``, over all ranks), unless the spec sets them, so with ``sigma = 0`` the
-converted model computes the same function. In a LayerNorm's place the "layer" field spans
-what the LayerNorm spans: the channels at each position for ``LayerNorm(C)`` and
-``LayerNorm2d`` (each token of a ViT, each pixel of a ConvNeXt), channels and positions for
-``LayerNorm((C, *P))``. A norm of another kind carries nothing, even where one of its fields
-is the layer's (rmsnorm or gdn in a LayerNorm's place, frn in an InstanceNorm's, bnms in a
-BatchNorm's): it starts from its own parameters and eps.
+groups, per-channel affine weights, running statistics and ``num_batches_tracked`` (and the
+synchronization of a ``SyncBatchNorm``, over all ranks), and its lack of them: a layer without
+affine weights (``affine=False``, ``elementwise_affine=False``, InstanceNorm's default) gives a
+norm without them, one with a weight and no bias a norm with ``bias=False``; unless the spec
+sets them. So with ``sigma = 0`` the converted model has the layer's parameter and buffer
+names and shapes and computes the same function, in training as in eval. In a LayerNorm's
+place the "layer" field spans what the LayerNorm spans: the channels at each position for
+``LayerNorm(C)`` and ``LayerNorm2d`` (each token of a ViT, each pixel of a ConvNeXt),
+channels and positions for ``LayerNorm((C, *P))``. A norm of another kind carries nothing,
+even where one of its fields is the layer's (rmsnorm or gdn in a LayerNorm's place, frn in an
+InstanceNorm's, bnms in a BatchNorm's): it starts from its own parameters and eps.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class NormSource:
         weight, bias: its affine parameters (``None`` without); ``(C,)`` to be carried.
         running_mean, running_var: ``(C,)`` running statistics, ``None`` when not tracked.
         sync_batch: its batch statistics span every rank (``SyncBatchNorm``).
+        num_batches_tracked: its 0-d count of training batches (``None`` when not tracked).
         after: behaviour the layer adds after normalizing (e.g. the activation of a
             norm + activation layer), kept after the new norm.
     """
@@ -99,6 +103,7 @@ class NormSource:
     running_var: Tensor | None = None
     sync_batch: bool = False
     after: nn.Module | None = None
+    num_batches_tracked: Tensor | None = None
 
 
 NormHandler = Callable[[nn.Module], NormSource]
@@ -165,6 +170,7 @@ def describe_norm(module: nn.Module) -> NormSource:
             running_mean=module.running_mean if tracked else None,
             running_var=module.running_var if tracked else None,
             sync_batch=isinstance(module, nn.SyncBatchNorm),
+            num_batches_tracked=_tensor(module.num_batches_tracked) if tracked else None,
         )
     if isinstance(module, nn.GroupNorm):
         return NormSource(
@@ -567,6 +573,13 @@ def _carried_settings(
         settings["momentum"] = float(source.momentum)
     if source.sync_batch and "sync_batch" not in explicit:
         settings["sync_batch"] = True
+    # no affine weights where the layer has none (BatchNorm(affine=False), InstanceNorm's
+    # default, LayerNorm(elementwise_affine=False)), no bias where it has a weight only
+    if "affine" not in explicit and source.weight is None and norm.weight is not None:
+        settings["affine"] = False
+    elif "bias" not in explicit and source.weight is not None and source.bias is None:
+        if norm.bias is not None:
+            settings["bias"] = False
     return settings
 
 
@@ -601,3 +614,5 @@ def _carry_state(source: NormSource, norm: DivisiveNorm) -> None:
             target = getattr(norm, key)
             if target is not None:
                 target.copy_(getattr(source, key))
+        if source.num_batches_tracked is not None:  # (the same state_dict as the layer's)
+            norm.register_buffer("num_batches_tracked", source.num_batches_tracked.clone())

@@ -61,6 +61,27 @@ def check_exponent(alpha: float, power: float) -> None:
             raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def check_floor(sigma: float | Tensor, eps: float | Tensor, divides: bool = True) -> None:
+    """``sigma`` and ``eps`` of the floor ``sigma^2 + eps``: finite numbers ``>= 0``, not both
+    ``0`` when the floor is under a divisor (``divides``: a suppression field), since a
+    constant region then divides ``0`` by ``0`` (NaN outputs and gradients). A tensor (a
+    learned ``softplus`` sigma, always ``> 0``) is not checked."""
+    for name, value in (("sigma", sigma), ("eps", eps)):
+        if isinstance(value, Tensor):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    fixed = not isinstance(sigma, Tensor) and not isinstance(eps, Tensor)
+    if divides and fixed and sigma == 0 and eps == 0:
+        raise ValueError(
+            f"sigma={sigma} with eps={eps} puts a floor sigma^2 + eps = 0 under the divisor, so "
+            "a constant region gives 0 / 0 (NaN outputs and gradients); allowed: sigma > 0 or "
+            "eps > 0 (e.g. eps=1e-5), or a learned sigma (learn_sigma=True, sigma > 0)"
+        )
+
+
 def check_input(x: Tensor, name: str = "x") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -194,7 +215,8 @@ def divisive_norm(
         sigma: smoothing term (``>= 0``; a float or a 0-d tensor, e.g. a learned one).
         eps: numerical floor added under the square root (positive by default, so that a
             constant region gives a finite output even with ``sigma = 0``); a float or a 0-d
-            tensor (e.g. a learned one).
+            tensor (e.g. a learned one). ``sigma = eps = 0`` with a suppression field raises
+            ``ValueError`` (a zero floor: NaN on a constant region).
         border: ``"valid"`` or ``"reference"`` (see the module docstring).
         alpha: scale of the suppression term (``> 0``; local response normalization's
             ``alpha``: torch's ``LocalResponseNorm(n, alpha, beta, k)`` is ``alpha``, ``power =
@@ -225,13 +247,13 @@ def divisive_norm(
     """
     check_input(x)
     check_border(border)
-    if not isinstance(sigma, Tensor) and (not math.isfinite(sigma) or sigma < 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-    if not isinstance(eps, Tensor) and eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
     check_backend(backend)
-    if not torch.compiler.is_compiling():  # the operators check the device when they run
-        check_exponent(alpha, power)  # (the layers check theirs when built)
+    # Python number checks only on concrete values: under torch.compile(dynamic=True) sigma,
+    # eps, alpha and power may be symbolic floats, which math.isfinite cannot read (the
+    # layers check theirs when built; the operators check the device when they run)
+    if not torch.compiler.is_compiling():
+        check_floor(sigma, eps, divides=sup_field is not None)
+        check_exponent(alpha, power)
         resolve_backend(backend, x)
     dtype = compute_dtype(x.dtype)
     if isinstance(sigma, Tensor):
@@ -578,7 +600,8 @@ def _local_norm(
     features = x.ndim == 2
     if features:  # feature vectors: the C features are one row of positions
         x = x.unsqueeze(1)
-    sum_windows, sup_windows, _, divisors = local_config(sum_field, sup_field, border, x.ndim)
+    config = local_config.__wrapped__ if torch.compiler.is_compiling() else local_config
+    sum_windows, sup_windows, _, divisors = config(sum_field, sup_field, border, x.ndim)
     floor = sigma * sigma + eps
     y, l1 = local_divisive_norm(
         x, sum_windows, sup_windows, floor, border, divisors, with_l1, backend
@@ -658,7 +681,8 @@ def local_contrast_norm(
     dtype. ``threshold`` and ``thresval`` must be ``> 0``.
     """
     check_input(x)
-    check_contrast_settings(window, threshold, thresval)
+    if not torch.compiler.is_compiling():  # (symbolic floats under dynamic compile)
+        check_contrast_settings(window, threshold, thresval)
     field = Field(channels="all", positions="window", window=window)
     dtype = compute_dtype(x.dtype)
     with full_precision(x.device.type):

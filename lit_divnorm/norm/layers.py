@@ -14,6 +14,7 @@ output the same.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -26,12 +27,12 @@ from lit_divnorm.norm.functional import (
     affine,
     check_border,
     check_exponent,
+    check_floor,
     check_input,
     divisive_norm,
     local_config,
 )
-from lit_divnorm.norm.kernels import cpu
-from lit_divnorm.norm.ops import LocalConfig, check_backend
+from lit_divnorm.norm.ops import check_backend, native_local_dn, native_takes
 from lit_divnorm.norm.sparsity import record_sparsity, record_term
 
 _NATIVE_PLAN = "_native_plan_cache"
@@ -41,8 +42,7 @@ class NativePlan(NamedTuple):
     """A layer's call of the C++ local DN operator (see ``DivisiveNorm._native_plan``)."""
 
     ndim: int
-    config: LocalConfig
-    floor: float
+    call: Callable[[Tensor], list[Tensor]]
     with_l1: bool
 
 
@@ -58,7 +58,9 @@ class DivisiveNorm(nn.Module):
         sum_field: summation field ``A`` (a :class:`Field`, a preset name such as ``"batch"``,
             ``"layer"``, ``"local"``, a mapping, or ``None`` for no centering).
         sup_field: suppression field ``B`` (likewise; ``None``: mean subtraction only).
-        sigma: smoothing term under the square root, ``>= 0``.
+        sigma: smoothing term under the square root, ``>= 0``; ``sigma = eps = 0`` with a
+            suppression field raises ``ValueError`` (a zero floor: NaN on a constant region),
+            unless ``learn_sigma`` (a learned sigma stays positive).
         learn_sigma: learn ``sigma`` (kept positive as ``softplus`` of a free parameter;
             needs ``sigma > 0`` to start from).
         affine: learn a per-channel ``gamma`` (init 1) and ``beta`` (init 0).
@@ -84,17 +86,47 @@ class DivisiveNorm(nn.Module):
         sync_batch: fields that span the batch average over every rank's batch under an
             initialized process group (set by :class:`lit_divnorm.distributed.NormSync`,
             which ``--trainer.sync_batchnorm=true`` installs).
-        backend: the kernels of the local and channel-window fields
-            (:mod:`lit_divnorm.norm.ops`): ``"auto"`` (C++ on the CPU, eager PyTorch
-            elsewhere), ``"native"``, ``"triton"``, ``"compile"`` (``torch.compile`` of the
-            eager kernels) or ``"torch"``; a backend that cannot run on the input's device
-            raises ``ValueError``. Batch, layer, instance and group fields run torch's own
-            kernels under every backend.
+        backend: which kernels run (:mod:`lit_divnorm.norm.ops`): ``"auto"``, ``"native"``
+            (the C++ kernels, CPU tensors), ``"triton"`` (CUDA tensors; CPU tensors only
+            under ``TRITON_INTERPRET=1``), ``"compile"`` (``torch.compile`` of the eager
+            kernels) or ``"torch"`` (eager PyTorch). A backend that cannot run on the input
+            raises ``ValueError`` saying why (``"triton"`` on a CPU tensor: Triton runs on
+            CUDA; ``"native"`` off the CPU or without a compiler). What runs, by field:
 
-    Parameters and running statistics may be cast to float16/bfloat16 with the model
-    (``model.half()``): statistics are still computed in float32 and the output has the
-    input's dtype, under autocast too.
+            - local DN over all channels (dn, dn*) and the channel window (lrn): the operator
+              of :mod:`lit_divnorm.norm.ops` in the backend's kernels; ``"auto"`` is C++ on
+              the CPU (where it builds), Triton on CUDA (float64: eager), else eager;
+            - local mean subtraction (dnms): C++ under ``"auto"``/``"native"`` for float32
+              and float64 CPU tensors, else the eager passes;
+            - whole groups of units (bn, ln, in, gn types): with a fixed sigma, no L1 term
+              and both fields the same (bn, ln, in, gn, bn-s, ln-s), torch's own
+              ``batch_norm``/``group_norm`` under every backend (rmsnorm: ``rms_norm``);
+              with an L1 term, mean subtraction only, no centring or a learned sigma (bn*,
+              ln*, bnms, lnms, frn, ...) the C++ ``field_norm`` under ``"auto"``/
+              ``"native"`` for float32/float64 CPU tensors in training (and without running
+              statistics in eval), else torch's kernels and the L1 term, or the equations
+              term by term (``"triton"`` has no kernel of its own for these fields);
+            - under ``torch.compile``: the operators for local DN and the channel window, and
+              plain tensor operations (no C++) for everything else;
+            - under ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...): every field
+              in its eager torch formula, which the transform differentiates and batches.
+              Fields that span the batch follow torch.func's BatchNorm recipe: eval mode uses
+              the running statistics; to train under ``vmap`` drop them
+              (``layer.running_mean = layer.running_var = None``) and each vmapped sample is a
+              batch of its own. An L1 term recorded under a transform holds its tensors.
+
+    Dtype rule, on every path (the C++ shortcut, every ``backend``, ``check_finite``,
+    ``torch.compile``): the output has the input's dtype, whatever the dtype of the parameters
+    and running statistics (they are brought to the computation's dtype and the running
+    statistics updated in their own). Statistics are computed in float32 for float16/bfloat16
+    inputs and in the input's dtype otherwise, under autocast too. Torch's own norms follow the
+    input where they accept mixed dtypes (float32 parameters with a bfloat16 input;
+    ``LocalResponseNorm`` with any) and refuse other mixes; this layer accepts them all. So
+    ``model.half()`` or ``.double()`` with inputs of another dtype works, and a float64 layer on
+    a float32 input returns float32.
     """
+
+    _own_floor = False  # a subclass whose forward has its own floor (gdn, lcn): no floor check
 
     def __init__(
         self,
@@ -141,6 +173,8 @@ class DivisiveNorm(nn.Module):
         sum_spec, sup_spec = _apply_windows(sum_spec, sup_spec, window, sum_window, sup_window)
         sum_spec, sup_spec = _apply_groups(sum_spec, sup_spec, groups, num_features)
         sum_spec, sup_spec = _apply_channel_window(sum_spec, sup_spec, channel_window)
+        if not learn_sigma and not self._own_floor:  # (a learned sigma: softplus > 0)
+            check_floor(float(sigma), float(eps), divides=sup_spec is not None)
 
         self.num_features = num_features
         self.sum_field = sum_spec
@@ -172,6 +206,9 @@ class DivisiveNorm(nn.Module):
                 self.register_buffer(name, init(num_features))
             else:
                 self.register_buffer(name, None)
+        # a 0-d count of training batches where a conversion carries a torch norm's (None:
+        # not in the state_dict)
+        self.register_buffer("num_batches_tracked", None)
 
     @property
     def sigma(self) -> float | Tensor:
@@ -212,33 +249,25 @@ class DivisiveNorm(nn.Module):
             plan = self.__dict__.get(_NATIVE_PLAN)
             if plan is None:
                 plan = self.__dict__[_NATIVE_PLAN] = self._native_plan(x.ndim)
-            if (
-                plan
-                and type(x) is Tensor
-                and x.ndim == plan.ndim
-                and x.dtype in cpu.DTYPES
-                and x.is_cpu
-                and x.shape[1] == self.num_features
-                and not torch.is_autocast_enabled("cpu")
-            ):
-                outputs = cpu.local_dn(x, plan.floor, *plan.config, plan.with_l1, self.l1)
-                if plan.with_l1:
-                    record_term(self, outputs[1])
-                if self.affine:
-                    return affine(outputs[0], self.weight, self.bias)
-                return outputs[0]
+            if plan and x.ndim == plan.ndim and x.shape[1] == self.num_features:
+                if native_takes(x):  # the C++ operator (not under torch.func, autocast)
+                    outputs = plan.call(x)
+                    if plan.with_l1:
+                        record_term(self, outputs[1])
+                    if self.affine:  # (the output keeps x's dtype, whatever the weights')
+                        y = affine(outputs[0], self.weight, self.bias)
+                        return y if y.dtype is x.dtype else y.to(x.dtype)
+                    return outputs[0]
         return self._forward_general(x)
 
     def _native_plan(self, ndim: int) -> NativePlan | tuple[()]:
-        """What :meth:`forward` passes the C++ local DN operator for ``ndim``-D inputs, when
-        the layer is local DN over all channels with a fixed floor and the C++ kernels are
-        built; ``()`` otherwise. The call skips the general path's checks and dispatch, which
-        cost about 10 us of Python per call, three times that when the rest of a network has
-        evicted the interpreter's state from the caches. Kept until an attribute is set."""
+        """What :meth:`forward` calls for ``ndim``-D inputs when the layer is local DN over all
+        channels with a fixed floor and ``backend`` runs the C++ kernels
+        (:func:`lit_divnorm.norm.ops.native_local_dn` decides); ``()`` otherwise. Kept until
+        an attribute is set."""
         sigma, eps = self._floor_terms()
         if (
-            self.backend not in ("auto", "native")
-            or self.check_finite
+            self.check_finite
             or (self.alpha, self.power) != (1.0, 0.5)
             or isinstance(sigma, Tensor)
             or isinstance(eps, Tensor)
@@ -246,13 +275,17 @@ class DivisiveNorm(nn.Module):
         ):
             return ()
         config = local_config(self.sum_field, self.sup_field, self.border, ndim)
-        if config is None or not cpu.available():
+        if config is None:
             return ()
         with_l1 = self.l1 > 0 and self.training
-        return NativePlan(ndim, config, sigma * sigma + eps, with_l1)
+        call = native_local_dn(config, sigma * sigma + eps, with_l1, self.l1, self.backend)
+        return () if call is None else NativePlan(ndim, call, with_l1)
 
     def _forward_general(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if self.training and self.num_batches_tracked is not None:
+            if self.running_mean is not None or self.running_var is not None:
+                self.num_batches_tracked.add_(1)  # (as torch's norms count, with their stats)
         with_l1 = self.l1 > 0 and self.training
         sigma, eps = self._floor_terms()
         outputs = divisive_norm(

@@ -1,28 +1,49 @@
 """The norms' operators: ``torch.library`` custom ops, their autograd and the one dispatch.
 
-Two operators carry the fields that torch has no kernel for (see :mod:`lit_divnorm.norm.kernels`
-for the formulas):
+What runs for my tensor, under ``backend="auto"`` with the C++ kernels built ("C++ op": an
+operator of :mod:`.kernels.cpu` whose autograd is C++; "custom op": one of this module's
+``torch.library`` operators, one ``register_autograd`` each; CPU float16/bfloat16 inputs run as
+float32 on a float32 copy, the output cast back)::
+
+    local DN over all channels (dn, dn*)
+      CPU float32/float64    C++ op lit_divnorm_cpu::local_dn (the layer calls it directly)
+      CUDA, not float64      Triton kernels in an autograd.Function (eager ones without Triton)
+      CUDA float64           the eager kernels in the same autograd.Function
+      under torch.compile    custom op lit_divnorm::local_dn, its kernels picked as above
+    channel window (lrn)
+      everywhere             custom op lit_divnorm::channel_dn, eager and compiled: the C++
+                             kernel on the CPU, Triton on CUDA (not float64), else eager
+    local centring (dnms)
+      CPU float32/float64    the C++ kernel (ctypes) in an autograd.Function
+      elsewhere              the eager passes (under torch.compile: plain tensor ops)
+    whole-group fields with an L1 term, mean subtraction only, no centring or a learned
+    sigma (bn*, ln*, bn-l1, ln-l1, bnms, lnms, frn)
+      CPU float32/float64    C++ op lit_divnorm_cpu::field_norm (in training, and in eval
+                             without running statistics; eval with them: torch's kernels)
+      elsewhere, compiled    torch's batch_norm/group_norm and the L1 term, or term by term
+    plain bn, bn-s, ln, ln-s, in, gn (rmsnorm)
+      everywhere             torch's batch_norm/group_norm (rms_norm)
+    any norm under torch.func (vmap, grad, jacrev, ...)
+      everywhere             the eager formulas (no custom op, no C++), which the transform
+                             differentiates and batches
+
+Two decisions, both here: :func:`resolve_backend` (the ``backend`` argument against the device:
+``"auto"`` resolved, the others checked with a clear error) and :func:`native_takes` (whether
+the C++ kernels take this tensor now). ``backend="native"`` forces the C++ kernels (CPU only),
+``"triton"`` the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"compile"``
+``torch.compile`` of the eager kernels, ``"torch"`` the eager kernels; the fields have no
+Triton kernel and run torch's kernels under ``"triton"``.
+
+Two custom ops carry the fields that torch has no kernel for (see :mod:`.kernels` for the
+formulas):
 
 - ``lit_divnorm::local_dn``: divisive normalization over all channels and local positional
-  windows, ``(N, C, *P)`` maps and ``(N, 1, C)`` feature rows alike; outputs ``(y, stats, l1)``.
+  windows, ``(N, C, *P)`` maps and ``(N, 1, C)`` feature rows alike; outputs ``(y, stats, l1)``;
 - ``lit_divnorm::channel_dn``: the channel-window field (local response normalization),
   ``y = x (floor + alpha B_c(x^2))^(-power)``.
 
-Each has a hand-written backward (its own operator), a fake kernel (so ``torch.compile`` traces
-through them with ``fullgraph=True``) and this dispatch, by ``backend`` and device:
-
-=========  ===============================================  ==============================
-backend    runs                                             where
-=========  ===============================================  ==============================
-auto       native on the CPU (when the C++ kernels build),  everywhere
-           triton on CUDA (when its kernels are there),
-           torch otherwise
-native     the C++ kernels (:mod:`.kernels.cpu`)            CPU tensors
-triton     the Triton kernels (:mod:`.kernels.triton`)      CUDA tensors (CPU tensors in
-                                                            Triton's interpreter)
-compile    ``torch.compile`` of the eager kernels           everywhere
-torch      the eager kernels (:mod:`.kernels.eager`)        everywhere
-=========  ===============================================  ==============================
+Each has a hand-written backward (its own operator, ``*_backward``), a fake kernel (so
+``torch.compile`` traces through them with ``fullgraph=True``) and ``register_autograd``.
 
 Statistics are float32 for every input dtype and autocast state: float16/bfloat16 inputs are
 normalized in float32 (autocast off) and the output comes back in the input's dtype; float64
@@ -91,10 +112,61 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     return backend
 
 
+def native_takes(x: Tensor) -> bool:
+    """Whether the C++ kernels take ``x`` now (the tensor's half of the decision; the
+    backend's half is :func:`resolve_backend`): a plain float32/float64 CPU tensor, outside
+    ``torch.compile``, ``torch.func`` transforms and CPU autocast."""
+    return (
+        type(x) is Tensor
+        and x.is_cpu
+        and x.dtype in cpu.DTYPES
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not transformed()
+    )
+
+
+class NativeLocalDN:
+    """A layer's call of the C++ local DN operator ``lit_divnorm_cpu::local_dn`` for a fixed
+    geometry and ``floor``: ``call(x)`` gives ``[y]`` or, with ``with_l1``,
+    ``[y, l1_weight * mean|x - m|]``, its autograd in C++ (for ``x`` where
+    :func:`native_takes`). A plain object, so a layer holding one still pickles and copies."""
+
+    __slots__ = ("floor", "l1_weight", "specs", "with_l1")
+
+    def __init__(self, config: LocalConfig, floor: float, with_l1: bool, l1_weight: float) -> None:
+        self.specs = cpu.window_specs(*config)
+        self.floor, self.with_l1, self.l1_weight = float(floor), with_l1, float(l1_weight)
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        return torch.ops.lit_divnorm_cpu.local_dn(
+            x, None, self.floor, *self.specs, self.with_l1, self.l1_weight
+        )
+
+
+def native_local_dn(
+    config: LocalConfig, floor: float, with_l1: bool, l1_weight: float, backend: str
+) -> NativeLocalDN | None:
+    """The layer's :class:`NativeLocalDN`, or ``None`` where ``backend`` does not run the C++
+    kernels on the CPU (not ``"auto"``/``"native"``, or no compiler). The call skips the
+    general path's checks and dispatch, about 10 us of Python per call."""
+    if backend not in ("auto", "native") or not cpu.available():
+        return None
+    return NativeLocalDN(config, floor, with_l1, l1_weight)
+
+
 def _kernels(name: str):
     """The module whose ``local_*``/``channel_*`` functions run for backend ``name`` (not
     ``"native"``, whose C++ functions take plain numbers)."""
     return triton_kernels if name == "triton" else eager
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``, ...) is
+    active. The C++ operators' autograd and the hand-written ``autograd.Function`` classes cannot
+    run under one, so every operator then runs its eager torch formula (the ``"torch"``
+    kernels' forward) and the transform differentiates and batches that."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -302,6 +374,10 @@ def local_divisive_norm(
         )
         return y, (l1 if with_l1 else None)
     config = _local_config(sum_windows, sup_windows, border, sup_divisors)
+    if transformed():  # torch.func: the eager formula, differentiated by the transform
+        check_backend(backend)
+        y, _, l1 = _local_forward(x, floor, config, with_l1, "torch")
+        return y, l1
     name = resolve_backend(backend, x)
     if name == "native":  # the C++ operator, its autograd in C++ too
         outputs = cpu.local_dn(as_dtype(x, compute_dtype(x.dtype)), floor, *config, with_l1)
@@ -317,14 +393,9 @@ def local_divisive_norm(
 
 def field_kernel_applies(x: Tensor, backend: str) -> bool:
     """Whether :func:`field_norm` runs for ``x``: float32/float64 on the CPU with the C++
-    kernels (backend ``auto`` or ``native``), outside ``torch.compile``."""
-    return (
-        backend in ("auto", "native")
-        and x.is_cpu
-        and x.dtype in cpu.DTYPES
-        and not torch.compiler.is_compiling()
-        and cpu.available()
-    )
+    kernels (backend ``auto`` or ``native``), outside ``torch.compile`` and ``torch.func``
+    transforms."""
+    return backend in ("auto", "native") and native_takes(x) and cpu.available()
 
 
 def field_norm(
@@ -374,9 +445,9 @@ def local_centring(
     """``x - A(mean_c x)`` for ``x`` ``(N, C, *P)``, any device: the C++ kernel for float32 and
     float64 CPU tensors under ``backend`` ``"auto"``/``"native"``, else the eager passes
     (traced as plain tensor operations under ``torch.compile``)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transformed():
         return eager.local_centre_forward(x, sum_windows, border)
-    native = x.dtype in cpu.DTYPES and resolve_backend(backend, x) == "native"
+    native = native_takes(x) and resolve_backend(backend, x) == "native"
     return _LocalCentring.apply(x, tuple(sum_windows), border, native)
 
 
@@ -403,7 +474,10 @@ class CentredAbsMean(torch.autograd.Function):
 
 
 def centred_abs_mean(x: Tensor, mean: Tensor) -> Tensor:
-    """``mean |x - mean|`` (the L1 sparsity term) with ``x``-sized memory for backward."""
+    """``mean |x - mean|`` (the L1 sparsity term) with ``x``-sized memory for backward
+    (under ``torch.func`` transforms: plain tensor operations)."""
+    if transformed():
+        return torch.sub(x, mean).abs().mean()
     return CentredAbsMean.apply(x, mean)
 
 
@@ -459,24 +533,6 @@ def _channel_backward(
                 floor = floor.to(dtype)
             grad_x, grad_floor = kernel(gc, xc, floor, *config)
     return grad_x.to(x.dtype), grad_floor
-
-
-class _ChannelDivisiveNorm(torch.autograd.Function):
-    """Eager calls of ``lit_divnorm::channel_dn``'s kernels and hand-written backward."""
-
-    @staticmethod
-    def forward(ctx, x, floor, config, backend):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.args = (floor, config, backend)
-        return _channel_forward(x, floor, config, backend)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        floor, config, backend = ctx.args
-        grad_x, grad_floor = _channel_backward(grad_y, x, floor, config, backend)
-        return grad_x, _floor_grad(ctx, grad_floor, floor), None, None
 
 
 @torch.library.custom_op("lit_divnorm::channel_dn", mutates_args=())
@@ -551,17 +607,28 @@ def channel_divisive_norm(
     backend: str = "auto",
 ) -> Tensor:
     """``x (floor + alpha B_c(x^2))^(-power)`` for ``x`` ``(N, C, *P)`` (``(N, C)``: one
-    position each); ``divisor`` replaces ``width`` in ``"reference"``'s divisor. Under
-    ``torch.compile`` this is the operator ``lit_divnorm::channel_dn``; eager calls run the
-    same kernels through an ``autograd.Function``, as :func:`local_divisive_norm` does."""
-    if not math.isfinite(alpha) or not math.isfinite(power):
+    position each); ``divisor`` replaces ``width`` in ``"reference"``'s divisor. Eager and
+    compiled calls alike are the operator ``lit_divnorm::channel_dn`` (its backward the
+    operator ``lit_divnorm::channel_dn_backward``); under ``torch.func`` transforms the eager
+    formula, which the transform differentiates."""
+    if not torch.compiler.is_compiling() and not (math.isfinite(alpha) and math.isfinite(power)):
+        # (under dynamic compile alpha and power may be symbolic floats: no Python check)
         raise ValueError(f"alpha and power must be finite, got alpha={alpha}, power={power}")
     maps = x.unsqueeze(-1) if x.ndim == 2 else x  # (N, C) features: one position each
     config = (width, border, divisor or width, float(alpha), float(power))
-    if torch.compiler.is_compiling():
+    if transformed() and not torch.compiler.is_compiling():
+        check_backend(backend)  # torch.func: the eager formula, differentiated by the transform
+        y = _channel_forward(maps, floor, config, "torch")
+    else:  # eager and compiled alike: the one operator, its one autograd
         if not isinstance(floor, Tensor):
             floor = torch.tensor(float(floor), dtype=torch.float64)
         y = channel_dn(maps, floor, *config, backend)
-    else:
-        y = _ChannelDivisiveNorm.apply(maps, floor, config, backend)
     return y.squeeze(-1) if x.ndim == 2 else y
+
+
+# ---- the fused LSTM's C++ pieces (models/fused_rnn.py goes through here, not kernels/) ----
+
+native_applies = cpu.applies  # a float32/float64 CPU tensor, the library built
+box_rows = cpu.box_rows  # box means along the last axis (and their transpose)
+lstm_forward_steps = cpu.lstm_forward_steps  # the C++ time steps of FusedLSTM
+lstm_backward_steps = cpu.lstm_backward_steps

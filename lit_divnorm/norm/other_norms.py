@@ -44,7 +44,8 @@ class FilterResponseNorm(DivisiveNorm):
 
     Args:
         num_features: ``C``.
-        eps: the constant under the square root (the paper's ``1e-6``), ``>= 0``.
+        eps: the constant under the square root (the paper's ``1e-6``), ``> 0`` (0 divides
+            0 by 0 on a constant channel), or learned.
         learn_eps: learn ``eps``: a parameter ``eps_l`` that starts at ``eps`` and enters as
             ``|eps_l|``, as in the paper's Listing 1 (``tf.abs(epsilon)``); needs ``eps > 0``.
         tlu: apply the TLU ``max(y, tau)`` (``False``: FRN alone, ``z = y``).
@@ -53,9 +54,9 @@ class FilterResponseNorm(DivisiveNorm):
     def __init__(
         self, num_features: int, *, eps: float = 1e-6, learn_eps: bool = False, tlu: bool = True
     ) -> None:
-        super().__init__(num_features, None, "instance", sigma=0.0, affine=True, eps=eps)
         if learn_eps and not eps > 0:
             raise ValueError(f"learn_eps=True needs eps > 0 to start from, got eps={eps}")
+        super().__init__(num_features, None, "instance", sigma=0.0, affine=True, eps=eps)
         self.learn_eps = learn_eps
         self.tlu = tlu
         if learn_eps:
@@ -115,13 +116,20 @@ class NonNegative:
 
 
 class _LowerBound(torch.autograd.Function):
-    """``max(p, bound)``; gradient passed where ``p >= bound`` or the gradient is negative."""
+    """``max(p, bound)``; gradient passed where ``p >= bound`` or the gradient is negative
+    (``setup_context`` and a generated vmap rule: it runs under ``torch.func`` transforms)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, raw: Tensor, bound: float) -> Tensor:  # type: ignore[override]
+    def forward(raw: Tensor, bound: float) -> Tensor:  # type: ignore[override]
+        return torch.clamp_min(raw, bound)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        raw, bound = inputs
         ctx.save_for_backward(raw)
         ctx.bound = bound
-        return torch.clamp_min(raw, bound)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -149,6 +157,8 @@ class GeneralizedDivisiveNorm(DivisiveNorm):
         gamma_init: the diagonal of ``gamma`` at init, ``>= 0``.
         reparam_offset: the parametrization's offset (its pedestal is its square).
     """
+
+    _own_floor = True  # (beta >= beta_min, not sigma^2 + eps)
 
     def __init__(
         self,
@@ -209,6 +219,8 @@ class LocalContrastNorm(DivisiveNorm):
         mean_floor: divide by ``max(s, mean over positions of s)`` instead (Jarrett et al.,
             ICCV 2009); Torch7 does not.
     """
+
+    _own_floor = True  # (the threshold, not sigma^2 + eps)
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -408,3 +409,69 @@ def test_state_a_same_kind_norm_cannot_hold_is_an_error(layer, spec, message):
     with pytest.raises(ValueError, match=r"cannot convert '0' .*" + message):
         convert_norms(nn.Sequential(layer), spec)
     assert isinstance(convert_norms(nn.Sequential(layer), "dn*")[0], DivisiveNorm)
+
+
+# ------------------------------------------ same kind: no affine where the layer has none
+
+
+@pytest.mark.parametrize(
+    ("layer", "spec"),
+    [
+        (nn.BatchNorm2d(4, affine=False), "bn"),
+        (nn.InstanceNorm2d(4), "in"),
+        (nn.LayerNorm(4, elementwise_affine=False), "ln"),
+        (nn.LayerNorm(4, bias=False), "ln"),
+        (nn.GroupNorm(2, 4, affine=False), "gn"),
+    ],
+)
+def test_same_kind_keeps_the_layers_parameters_and_buffers(layer, spec):
+    model = nn.Sequential(layer)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected_params = [name for name, _ in model.named_parameters()]
+    convert_norms(model, spec)
+    state = {k.replace(".norm.", "."): tuple(v.shape) for k, v in model.state_dict().items()}
+    assert state == expected
+    assert [name.replace(".norm.", ".") for name, _ in model.named_parameters()] == expected_params
+
+
+def test_the_spec_still_sets_affine_over_the_layers_lack_of_it():
+    model = convert_norms(nn.Sequential(nn.BatchNorm2d(4, affine=False)), "bn", affine=True)
+    assert tuple(model[0].weight.shape) == (4,) and tuple(model[0].bias.shape) == (4,)
+
+
+def test_resnet18_without_batchnorm_affine_converts_to_bn_and_trains_alike():
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(weights=None)
+    for name, module in list(original.named_modules()):  # every BatchNorm affine=False
+        if isinstance(module, nn.BatchNorm2d):
+            parent, _, attr = name.rpartition(".")
+            setattr(
+                original.get_submodule(parent),
+                attr,
+                nn.BatchNorm2d(module.num_features, affine=False),
+            )
+    original = original.double().train()
+    converted = convert_norms(copy.deepcopy(original), "bn")
+    assert not _torch_norms(converted)
+    shapes = {k: tuple(v.shape) for k, v in original.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.state_dict().items()} == shapes
+    assert sum(p.numel() for p in converted.parameters()) == sum(
+        p.numel() for p in original.parameters()
+    )
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (original, converted)]
+    for _ in range(3):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        target = torch.randint(0, 1000, (2,))
+        outputs = []
+        for model, optimizer in zip((original, converted), optimizers, strict=True):
+            optimizer.zero_grad()
+            out = model(x)
+            nn.functional.cross_entropy(out, target).backward()
+            optimizer.step()
+            outputs.append(out.detach())
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-9, atol=1e-10)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), original(x), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(converted.eval()(x), original.eval()(x), rtol=1e-9, atol=1e-10)
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[key], value, rtol=1e-9, atol=1e-10)

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_divnorm.norm import DivisiveNorm, build_norm, list_norms
+from lit_divnorm.norm import PRESETS, DivisiveNorm, build_norm, divisive_norm, list_norms
 from lit_divnorm.norm import layers as layers_module
 from lit_divnorm.norm.kernels import cpu
 from lit_divnorm.norm.other_norms import GeneralizedDivisiveNorm
+from lit_divnorm.norm.sparsity import sparsity_penalty
 from tests.norm.reference import RefField, ref_divisive_norm
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -230,7 +231,8 @@ def test_dn_layer_calls_the_cpu_operator_directly_and_falls_back_under_autocast(
     """float32/float64 CPU maps go from the layer straight to the C++ operator; autocast (and
     every other case) takes divisive_norm's general path."""
     general = _counting(monkeypatch, layers_module, "divisive_norm")
-    operator = _counting(monkeypatch, cpu, "local_dn")
+    assert cpu.available()  # (registers the operators)
+    operator = _counting(monkeypatch, torch.ops.lit_divnorm_cpu, "local_dn")
     layer = build_norm("dn", 4, window=3)
     x = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(layer(x), _ref_dn(x.double(), 3, 3, 0.5).float(), **TOL)
@@ -255,3 +257,68 @@ def test_dn_layer_settings_changed_after_a_forward_take_effect():
     layer.backend = "auto"
     layer.eval()
     torch.testing.assert_close(layer(x[:1]), _ref_dn(x[:1], 5, 3, 0.2))
+
+
+# ------------------------------------------------------------ a floor of zero is refused
+
+
+@pytest.mark.parametrize("name", ["dn", "ln", "gn", "in", "bn", "lrn", "dn*"])
+def test_sigma_zero_with_eps_zero_is_refused(name):
+    kwargs = {"groups": 2} if name == "gn" else {}
+    with pytest.raises(ValueError, match=r"sigma=0.0 with eps=0.0 .*allowed: sigma > 0 or eps > 0"):
+        build_norm(name, 4, sigma=0.0, eps=0.0, **kwargs)
+    # a positive floor either way is accepted, and finite on a constant input
+    for sigma, eps in ((0.0, 1e-5), (0.5, 0.0)):
+        layer = build_norm(name, 4, sigma=sigma, eps=eps, **kwargs)
+        x = torch.ones(2, 4, 3, 3, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+def test_a_learned_sigma_keeps_the_floor_positive_with_eps_zero():
+    layer = build_norm("dn", 4, sigma=0.5, eps=0.0, learn_sigma=True)
+    x = torch.ones(2, 4, 3, 3, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.raw_sigma.grad)
+
+
+def test_functional_refuses_a_zero_floor_under_a_divisor_only():
+    x = torch.ones(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"sigma=0 with eps=0 .*floor sigma\^2 \+ eps = 0"):
+        divisive_norm(x, PRESETS["layer"], PRESETS["layer"], sigma=0, eps=0)
+    # mean subtraction only: no divisor, nothing to refuse (the output is x - mean = 0)
+    torch.testing.assert_close(
+        divisive_norm(x, PRESETS["layer"], None, sigma=0, eps=0), torch.zeros_like(x)
+    )
+    # a learned (tensor) sigma is the caller's to keep positive
+    y = divisive_norm(x, PRESETS["layer"], PRESETS["layer"], sigma=torch.tensor(0.5), eps=0)
+    assert torch.isfinite(y).all()
+
+
+# ---------------------------------------------- backend="triton" on a CPU bn* layer: why
+
+
+def test_triton_backend_on_a_cpu_bn_star_layer_says_why_it_cannot_run(monkeypatch):
+    from lit_divnorm.norm.kernels import triton as triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "_INTERPRETED", False)
+    layer = build_norm("bn*", 4, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run on a tensor on 'cpu'.*CUDA"):
+        layer(torch.randn(2, 4, 3, 3))
+
+
+def test_triton_backend_bn_star_under_the_interpreter_is_batch_norm_and_its_l1():
+    from lit_divnorm.norm.kernels import triton as triton_kernels
+
+    if not (triton_kernels.available() and triton_kernels.interpreted()):
+        pytest.skip("needs Triton under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    torch.manual_seed(0)
+    layer = build_norm("bn*", 4, backend="triton", sigma=0.0).train()  # (Triton: no float64)
+    x = torch.randn(3, 4, 5, 5)
+    y = layer(x)
+    reference = nn.BatchNorm2d(4, eps=layer.eps).train()
+    torch.testing.assert_close(y, reference(x))
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+    l1 = (x - x.mean(dim=(0, 2, 3), keepdim=True)).abs().mean() * layer.l1
+    torch.testing.assert_close(sparsity_penalty(layer), l1)

@@ -142,16 +142,27 @@ def test_two_processes_building_at_once_compile_once_and_both_load(tmp_path, mon
         "from lit_divnorm.norm.kernels import cpu; print(cpu.available(), cpu._library()._name)"
     )
     processes = [
-        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
-    outputs = [p.communicate(timeout=300)[0].split() for p in processes]
+    communicated = [p.communicate(timeout=300) for p in processes]
+    outputs = [out.split() for out, _ in communicated]
     assert all(p.returncode == 0 for p in processes)
     assert [out[0] for out in outputs] == ["True", "True"]
+    # the build speaks: one line when it starts, one when it ends (the builder's alone)
+    cache = tmp_path / "cache"
+    start = f"lit_divnorm: building the C++ CPU kernels once, about 30 s, into {cache}"
+    builders = [err for _, err in communicated if start in err]
+    assert len(builders) == 1 and "lit_divnorm: built the C++ CPU kernels in " in builders[0]
     assert outputs[0][1] == outputs[1][1]  # the same library file
     assert log.read_text().count("x") == 1
-    cache = tmp_path / "cache"
-    left = [p.name for p in cache.iterdir() if p.name != ".build.lock"]
+    left = [p.name for p in cache.iterdir()]  # (the lock file is gone too)
     assert left == [os.path.basename(outputs[0][1])]  # no temporary left
     monkeypatch.setenv("LIT_DIVNORM_CACHE", str(cache))
     monkeypatch.setenv("CXX", str(wrapper))
@@ -189,15 +200,16 @@ def test_box_rows_equals_the_box_matrix_and_its_transpose(rows, width, border, d
     torch.testing.assert_close(cpu.box_rows(u, spec, adjoint=True), u @ matrix, **tolerance)
 
 
-def test_failed_build_leaves_nothing_and_falls_back(tmp_path, monkeypatch):
-    """A compiler that fails: no file in the cache, one warning, and the PyTorch passes."""
+def test_failed_build_leaves_its_marker_and_falls_back(tmp_path, monkeypatch):
+    """A compiler that fails: only the failure's marker in the cache, one warning, and the
+    PyTorch passes."""
     monkeypatch.setenv("LIT_DIVNORM_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # exits 1 without writing anything
     cpu._library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="C\\+\\+ DN kernel could not be built"):
             assert not cpu.available()
-        assert [p.name for p in tmp_path.iterdir()] in ([], [".build.lock"])
+        assert [p.suffix for p in tmp_path.iterdir()] == [".failed"]
         x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
         field, ref = _local((3, 3))
         want = ref_divisive_norm(x.numpy(), ref, ref, sigma=0.5, eps=0.0, border="valid")

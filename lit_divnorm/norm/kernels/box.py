@@ -32,8 +32,10 @@ def box_matrix(
     dtype: torch.dtype,
 ) -> Tensor:
     """``(L, L)`` matrix ``M`` with ``(M @ x)[j]`` the box mean of ``x`` at ``j``: cached in
-    eager mode, built in the graph under ``torch.compile`` (see :func:`_cached_box_matrix`)."""
-    if torch.compiler.is_compiling():
+    eager mode, built in the graph under ``torch.compile`` (see :func:`_cached_box_matrix`)
+    and afresh under ``torch.func`` transforms (a tensor made there is the transform's, and
+    would outlive it in the cache)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _build_box_matrix(length, width, border, divisor, device, dtype)
     return _cached_box_matrix(length, width, border, divisor, device, dtype)
 

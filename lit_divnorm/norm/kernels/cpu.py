@@ -16,26 +16,41 @@ The library is compiled with the system's C++ compiler (``$CXX``, else ``g++``/`
 OpenMP and torch's headers into ``$LIT_DIVNORM_CACHE`` (default ``~/.cache/lit_divnorm``): the
 two sources in parallel, then linked against torch's libraries. Its name hashes the
 sources, the compiler and its version, the flags, torch's version and the CPU's identity
-(what ``-march=native`` depends on, on every architecture). The build runs under a file lock,
-so that processes starting together (DDP ranks) compile once and all load the result, within
-``$LIT_DIVNORM_BUILD_TIMEOUT`` seconds (default 300); it is written under a temporary name and
-renamed, so an interrupted build never leaves a broken library. Without a compiler,
-:func:`available` is ``False`` (with one warning) and the kernels use their PyTorch passes;
-``LIT_DIVNORM_NATIVE=0`` turns the library off.
+(what ``-march=native`` depends on, on every architecture): that hash is the cache key.
+
+The build speaks, remembers and shares:
+
+- it prints one line to stderr when it starts ("building the C++ CPU kernels once, about
+  30 s, into <cache>") and one when it ends;
+- it runs under a lock file (``<key>.lock``, created with ``O_CREAT | O_EXCL``: no ``fcntl``,
+  so the package imports on every platform), so that processes starting together (DDP ranks)
+  compile once: the others print that they wait for it, up to ``$LIT_DIVNORM_BUILD_TIMEOUT``
+  seconds (default 300), then load the same library. A lock left by a process that died (its
+  pid gone on this host) or older than the timeout is stale and broken;
+- a failed build is remembered under its cache key (``<key>.failed`` holds the compiler's
+  message), so later processes and the waiting ranks fall back at once with the same warning,
+  and every rank runs the same kernels; delete the file to try again (a new compiler or torch
+  makes a new key anyway);
+- the library is written under a temporary name and renamed, so an interrupted build never
+  leaves a broken library.
+
+Without a compiler, :func:`available` is ``False`` (with one warning) and the kernels use their
+PyTorch passes; ``LIT_DIVNORM_NATIVE=0`` turns the library off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -134,26 +149,94 @@ def build_timeout() -> float:
     return seconds
 
 
+def say(message: str) -> None:
+    """One line of the build's progress on stderr (every rank prints its own)."""
+    print(f"lit_divnorm: {message}", file=sys.stderr, flush=True)
+
+
+def _lock_owner(lock: Path) -> tuple[str, int, float] | None:
+    """``(host, pid, created)`` written in ``lock``, or ``None`` when unreadable."""
+    try:
+        host, pid, created = lock.read_text().split()
+        return host, int(pid), float(created)
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (on Windows, where ``os.kill`` would end it,
+    assumed: a lock there goes stale by age only)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # (someone else's process, or a platform that cannot tell: alive)
+    return True
+
+
+def _stale(lock: Path, timeout: float) -> bool:
+    """Whether ``lock`` was left by a process that died on this host, or is older than
+    ``timeout`` seconds (a build on another host of a shared cache that never finished)."""
+    owner = _lock_owner(lock)
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False  # (gone: not stale, just free)
+    if owner is None:
+        return age > min(timeout, 10.0)  # (written right after creation: a crash in between)
+    host, pid, _ = owner
+    return (host == socket.gethostname() and not _pid_alive(pid)) or age > timeout
+
+
 @contextlib.contextmanager
-def _build_lock(directory: Path, timeout: float) -> Iterator[None]:
-    """An exclusive lock on ``directory/.build.lock`` (waits up to ``timeout`` seconds)."""
-    with open(directory / ".build.lock", "a") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise OSError(
-                        f"timed out after {timeout:.0f} s waiting for another process to build "
-                        f"the C++ kernels in {directory}"
-                    ) from None
-                time.sleep(0.05)
+def _build_lock(lock: Path, timeout: float, cache: Path) -> Iterator[None]:
+    """Hold the lock file ``lock`` (``O_CREAT | O_EXCL``), waiting up to ``timeout`` seconds
+    for another process's build (with one line saying so); a stale lock is removed."""
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if _stale(lock, timeout):
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+                continue
+            if not told:
+                owner = _lock_owner(lock)
+                who = f"process {owner[1]} on {owner[0]}" if owner else "another process"
+                say(
+                    f"waiting for {who} to build the C++ CPU kernels into {cache} "
+                    f"(up to {timeout:.0f} s)"
+                )
+                told = True
+            if time.monotonic() > deadline:
+                raise OSError(
+                    f"timed out after {timeout:.0f} s waiting for another process to build the "
+                    f"C++ kernels in {cache} (lock {lock}; raise $LIT_DIVNORM_BUILD_TIMEOUT, or "
+                    "delete the lock if no build runs); this process uses the PyTorch passes"
+                ) from None
+            time.sleep(0.05)
+    try:
+        os.write(descriptor, f"{socket.gethostname()} {os.getpid()} {time.time()}".encode())
+        os.close(descriptor)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+
+
+class BuildFailed(OSError):
+    """The build of this cache key failed (now or in an earlier process)."""
+
+
+def failure_marker(target: Path) -> Path:
+    """The file that remembers a failed build of the library ``target``."""
+    return target.with_suffix(".failed")
 
 
 def _torch_flags() -> tuple[list[str], list[str]]:
@@ -198,29 +281,51 @@ def _run(commands: list[list[str]], timeout: float) -> None:
 
 
 def _build(compiler: str) -> Path:
+    """The library for ``compiler``: from the cache, or built once under the lock (raises
+    :class:`BuildFailed`, also for a failure remembered in the cache)."""
     target = library_path(compiler)
     if target.exists():
         return target
+    marker = failure_marker(target)
+    if marker.exists():
+        raise BuildFailed(f"{marker.read_text()} [remembered in {marker}; delete it to retry]")
     target.parent.mkdir(parents=True, exist_ok=True)
     timeout = build_timeout()
-    with _build_lock(target.parent, timeout):
+    with _build_lock(target.with_suffix(".lock"), timeout, target.parent):
         if target.exists():  # another process built it while this one waited
             return target
-        compile_flags, link_flags = _torch_flags()
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dn_cpu-") as work:
-            objects = [str(Path(work) / "kernels.o"), str(Path(work) / "binding.o")]
-            _run(
-                [
-                    [compiler, *FLAGS, "-c", str(SOURCE), "-o", objects[0]],
-                    [compiler, *FLAGS, *BINDING_FLAGS, *compile_flags, "-c", str(BINDING),
-                     "-o", objects[1]],
-                ],
-                timeout,
-            )  # fmt: skip
-            partial = str(Path(work) / "library.so")
-            _run([[compiler, "-shared", "-fopenmp", *objects, *link_flags, "-o", partial]], timeout)
-            os.replace(partial, target)  # complete, or not there at all
+        if marker.exists():  # ... or failed to
+            raise BuildFailed(f"{marker.read_text()} [remembered in {marker}; delete it to retry]")
+        say(f"building the C++ CPU kernels once, about 30 s, into {target.parent}")
+        start = time.monotonic()
+        try:
+            _compile(compiler, target, timeout)
+        except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            detail = str(getattr(error, "stderr", None) or error)[-2000:]  # (a compiler's tail)
+            if not isinstance(error, subprocess.TimeoutExpired):  # (a slow machine may retry)
+                with contextlib.suppress(OSError):  # (a cache it cannot write: not remembered)
+                    marker.write_text(detail)
+            say(f"the C++ CPU kernels failed to build after {time.monotonic() - start:.0f} s")
+            raise BuildFailed(detail) from error
+        say(f"built the C++ CPU kernels in {time.monotonic() - start:.0f} s: {target}")
     return target
+
+
+def _compile(compiler: str, target: Path, timeout: float) -> None:
+    compile_flags, link_flags = _torch_flags()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dn_cpu-") as work:
+        objects = [str(Path(work) / "kernels.o"), str(Path(work) / "binding.o")]
+        _run(
+            [
+                [compiler, *FLAGS, "-c", str(SOURCE), "-o", objects[0]],
+                [compiler, *FLAGS, *BINDING_FLAGS, *compile_flags, "-c", str(BINDING),
+                 "-o", objects[1]],
+            ],
+            timeout,
+        )  # fmt: skip
+        partial = str(Path(work) / "library.so")
+        _run([[compiler, "-shared", "-fopenmp", *objects, *link_flags, "-o", partial]], timeout)
+        os.replace(partial, target)  # complete, or not there at all
 
 
 @functools.cache

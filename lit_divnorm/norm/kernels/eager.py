@@ -64,7 +64,7 @@ def local_forward(
     r = torch.rsqrt(box_means(spread, sup_windows, border, sup_divisors) + floor)
     v = x - m
     l1 = v.abs().mean() if with_l1 else x.new_zeros(())
-    return v.mul_(r), torch.stack([q1, m, r]), l1
+    return v * r, torch.stack([q1, m, r]), l1  # (out of place: autograd may run through it)
 
 
 def local_backward(
@@ -130,9 +130,10 @@ def channel_forward(
     alpha: float,
     power: float,
 ) -> Tensor:
-    """``y = x * (floor + alpha * B_c(x^2))^(-power)`` (see the module docstring)."""
-    d = _channel_box(x * x, width, border, divisor, adjoint=False).mul_(alpha).add_(floor)
-    return x * d.pow_(-power)
+    """``y = x * (floor + alpha * B_c(x^2))^(-power)`` (see the module docstring; out of
+    place, so that autograd may run through it)."""
+    d = _channel_box(x * x, width, border, divisor, adjoint=False) * alpha + floor
+    return x * d.pow(-power)
 
 
 def channel_backward(
