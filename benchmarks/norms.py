@@ -17,9 +17,9 @@ storage, the input included since every layer keeps it), each next to torch's
 ``BatchNorm2d``, ``GroupNorm(1, C)``, ``LocalResponseNorm(5)`` and a direct DN (channel mean,
 ``avg_pool2d`` box means, subtract, divide), with ratios against ``GroupNorm(1, C)`` and
 against each norm's own torch counterpart (``x peer``: BatchNorm2d for the bn family,
-LocalResponseNorm for lrn, InstanceNorm2d for in, RMSNorm for rmsnorm, GroupNorm(1, C) for the
-rest) from the same run; then DN with the
-15x15 window against the 5x5 one, timed together.
+LocalResponseNorm for lrn, InstanceNorm2d for in, RMSNorm for rmsnorm, the published formulas
+in plain torch ops for frn, gdn, igdn and lcn, GroupNorm(1, C) for the rest) from the same
+run; then DN with the 15x15 window against the 5x5 one, timed together.
 """
 
 from __future__ import annotations
@@ -89,6 +89,66 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.rms_norm(x.movedim(1, -1), (x.shape[1],), self.weight, 1e-6)
         return y.movedim(-1, 1)
+
+
+class FRNPeer(nn.Module):
+    """Filter response normalization with its TLU in plain torch ops, from Singh & Krishnan
+    (CVPR 2020), Listing 1: ``max(gamma x / sqrt(mean x^2 + |eps|) + beta, tau)``."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        shape = (1, channels, 1, 1)
+        self.gamma = nn.Parameter(torch.ones(shape))
+        self.beta = nn.Parameter(torch.zeros(shape))
+        self.tau = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("eps", torch.tensor(eps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nu2 = x.pow(2).mean((2, 3), keepdim=True)
+        y = x * torch.rsqrt(nu2 + self.eps.abs())
+        return torch.maximum(self.gamma * y + self.beta, self.tau)
+
+
+class GDNPeer(nn.Module):
+    """CompressAI's ``GDN`` (and ``inverse=True``, IGDN): ``norm = conv2d(x^2, gamma, beta)``,
+    ``x * rsqrt(norm)`` (IGDN: ``x * sqrt(norm)``), ``gamma`` and ``beta`` reparameterized
+    non-negative as its NonNegativeParametrizer does (``max(p, bound)^2 - pedestal``)."""
+
+    def __init__(self, channels: int, inverse: bool = False, beta_min: float = 1e-6) -> None:
+        super().__init__()
+        self.inverse = inverse
+        self.pedestal = 2**-36
+        self.beta_bound = (beta_min + self.pedestal) ** 0.5
+        self.gamma_bound = self.pedestal**0.5
+        self.raw_beta = nn.Parameter(torch.sqrt(torch.ones(channels) + self.pedestal))
+        self.raw_gamma = nn.Parameter(torch.sqrt(0.1 * torch.eye(channels) + self.pedestal))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        beta = torch.clamp_min(self.raw_beta, self.beta_bound) ** 2 - self.pedestal
+        gamma = torch.clamp_min(self.raw_gamma, self.gamma_bound) ** 2 - self.pedestal
+        norm = F.conv2d(x**2, gamma[:, :, None, None], beta)
+        return x * (torch.sqrt(norm) if self.inverse else torch.rsqrt(norm))
+
+
+class LCNPeer(nn.Module):
+    """Torch7's ``nn.SpatialContrastiveNormalization`` with a uniform ``window x window`` kernel
+    in its convolution form: the kernel normalized over all channels, ``conv2d`` (zero padded)
+    for the mean divided by the border coefficient (the kernel's mass inside the input),
+    subtract, ``conv2d`` of the square, its square root divided by the coefficient, thresholded
+    (``<= 1e-4`` becomes ``1e-4``), divide."""
+
+    def __init__(self, channels: int, window: int, threshold: float = 1e-4) -> None:
+        super().__init__()
+        self.padding, self.threshold = window // 2, threshold
+        kernel = torch.ones(1, channels, window, window) / (channels * window * window)
+        self.register_buffer("kernel", kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = functools.partial(F.conv2d, weight=self.kernel.to(x.dtype), padding=self.padding)
+        coef = conv(torch.ones_like(x[:1]))
+        v = x - conv(x) / coef
+        std = torch.sqrt(conv(v * v)) / coef
+        return v / torch.where(std > self.threshold, std, self.threshold)
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor, context=contextlib.nullcontext) -> int:
@@ -189,14 +249,19 @@ def peers(channels: int, window: int) -> dict[str, Callable[[], nn.Module]]:
         "torch LocalResponseNorm(5)": lambda: nn.LocalResponseNorm(5, alpha=5.0, beta=0.5),
         "torch InstanceNorm2d": lambda: nn.InstanceNorm2d(channels, affine=True),
         "torch RMSNorm (channels)": lambda: ChannelRMSNorm(channels),
+        "FRN (torch ops)": lambda: FRNPeer(channels),
+        "GDN (CompressAI form)": lambda: GDNPeer(channels),
+        "IGDN (CompressAI form)": lambda: GDNPeer(channels, inverse=True),
+        "LCN (Torch7 conv form)": lambda: LCNPeer(channels, window),
     }
 
 
 def counterpart(name: str) -> str:
     """The torch layer a registry norm is held against: BatchNorm2d for the bn family,
     LocalResponseNorm (same window, exponent 1/2) for lrn, InstanceNorm2d for in, RMSNorm over
-    the channels for rmsnorm, GroupNorm(1, C) for the rest (frn, gdn, lcn have no torch
-    counterpart)."""
+    the channels for rmsnorm, the published formulas in plain torch ops for frn (FRNPeer), gdn
+    and igdn (GDNPeer, CompressAI's form) and lcn (LCNPeer, Torch7's convolution form),
+    GroupNorm(1, C) for the rest."""
     if name.startswith("bn"):
         return "torch BatchNorm2d"
     if name.startswith("lrn"):
@@ -205,6 +270,14 @@ def counterpart(name: str) -> str:
         return "torch InstanceNorm2d"
     if name == "rmsnorm":
         return "torch RMSNorm (channels)"
+    own = {
+        "frn": "FRN (torch ops)",
+        "gdn": "GDN (CompressAI form)",
+        "igdn": "IGDN (CompressAI form)",
+        "lcn": "LCN (Torch7 conv form)",
+    }
+    if name in own:
+        return own[name]
     return "torch GroupNorm(1,C)"
 
 
@@ -257,6 +330,7 @@ def run_shape(
     context = functools.partial(precision_context, precision, device)
     x = torch.randn(n, c, h, w, device=device, dtype=input_dtype(precision), requires_grad=True)
     factories = peers(c, window)
+    peer_names = set(factories)
     for name in args.names:
         factories[name] = functools.partial(build_norm, name, c, layer_window=window)
     for name in args.compiled:
@@ -275,7 +349,7 @@ def run_shape(
     print(header + (f"{'MiB peak':>10}{'x GN':>7}" if x.is_cuda else ""))
     for name, (ms, mem, peak) in rows.items():
         peer = counterpart(name.removesuffix(" (compiled)"))
-        ratio = f"{ms / rows[peer][0]:8.2f}" if not name.startswith("torch") else f"{'-':>8}"
+        ratio = f"{ms / rows[peer][0]:8.2f}" if name not in peer_names else f"{'-':>8}"
         line = (
             f"{name:<28}{ms:8.2f}{ms / base_ms:7.2f}{ratio}{mem / 2**20:11.2f}"
             f"{mem / max(base_mem, 1):7.2f}"
