@@ -31,6 +31,7 @@ from lit_divnorm.norm.functional import (
     local_contrast_norm,
 )
 from lit_divnorm.norm.layers import DivisiveNorm
+from lit_divnorm.norm.ops import compute_dtype, full_precision
 
 
 class FilterResponseNorm(DivisiveNorm):
@@ -49,6 +50,10 @@ class FilterResponseNorm(DivisiveNorm):
         learn_eps: learn ``eps``: a parameter ``eps_l`` that starts at ``eps`` and enters as
             ``|eps_l|``, as in the paper's Listing 1 (``tf.abs(epsilon)``); needs ``eps > 0``.
         tlu: apply the TLU ``max(y, tau)`` (``False``: FRN alone, ``z = y``).
+
+    The forward is the formula in plain torch ops (statistics in float32 or better, the output
+    in the input's dtype); the framework's term-by-term path runs only where a framework
+    attribute FRN does not use is set afterwards (``l1 > 0``, ``alpha`` or ``power``).
     """
 
     def __init__(
@@ -67,6 +72,29 @@ class FilterResponseNorm(DivisiveNorm):
         return 0.0, (self.raw_eps.abs() if self.learn_eps else self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.l1 > 0 or (self.alpha, self.power) != (1.0, 0.5):  # (only set after init)
+            return self._forward_framework(x)
+        self._check_input(x)
+        dtype = compute_dtype(x.dtype)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        positions = tuple(range(2, x.ndim))
+        with full_precision(x.device.type):
+            xc = x.to(dtype)
+            nu2 = (xc * xc).mean(dim=positions, keepdim=True) if positions else xc * xc
+            eps = self.raw_eps.to(dtype).abs() if self.learn_eps else self.eps
+            scale = self.weight.to(dtype).view(shape) * torch.rsqrt(nu2 + eps)
+            beta = self.bias.to(dtype).view(shape)
+            if self.tau is None:
+                return torch.addcmul(beta, xc, scale).to(x.dtype)
+            # max(y, tau) = tau + (d + |d|) / 2 with d = y - tau: exactly tau below it, and
+            # torch.maximum's gradient (half to each at a tie), in fewer passes than maximum
+            tau = self.tau.to(dtype).view(shape)
+            d = torch.addcmul(beta - tau, xc, scale)
+            return torch.add(tau, d + d.abs(), alpha=0.5).to(x.dtype)
+
+    def _forward_framework(self, x: Tensor) -> Tensor:
+        """The term-by-term path of :class:`DivisiveNorm` and the TLU, for the framework's
+        settings FRN itself never sets (``l1 > 0``, ``alpha``, ``power``)."""
         y = super().forward(x)
         if self.tau is None:
             return y
