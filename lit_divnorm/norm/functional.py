@@ -692,10 +692,15 @@ def local_contrast_norm(
         v = xc - field_mean(xc, field, "valid")
         inside = field_mean(torch.ones_like(xc[:1]), field, "reference")
         energy = field_mean(v * v, field, "reference")
-        # below threshold * c the divisor is thresval anyway; the floor keeps sqrt's gradient finite
-        std = torch.sqrt(torch.maximum(energy, (threshold * inside) ** 2)) / inside
-        if mean_floor:
+        # below threshold * c the divisor is thresval anyway; the floor keeps sqrt's gradient
+        # finite. Whether s > threshold is read off the energy, not off the floored s: that is
+        # threshold up to rounding and came out above it at about half the floored positions
+        floor = (threshold * inside) ** 2
+        above = energy > floor
+        std = torch.sqrt(torch.maximum(energy, floor)) / inside
+        if mean_floor:  # max(s, m) > threshold where s > threshold or m > threshold
             positions = tuple(range(2, std.ndim)) if x.ndim > 2 else (1,)
-            std = torch.maximum(std, std.mean(dim=positions, keepdim=True))
-        y = v / torch.where(std > threshold, std, thresval)
+            mean = std.mean(dim=positions, keepdim=True)
+            std, above = torch.maximum(std, mean), above | (mean > threshold)
+        y = v / torch.where(above, std, thresval)
     return y.to(x.dtype)

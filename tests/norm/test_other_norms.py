@@ -162,6 +162,64 @@ def test_frn_with_a_small_map_and_a_constant_channel_is_finite():
     assert torch.isfinite(y).all()
 
 
+def _frn_torch_loop(x, gamma, beta, tau, eps):
+    """The FRN paper's equations one channel of one sample at a time in differentiable torch
+    scalars (``(N, C)``: the one position), the TLU by ``torch.maximum``."""
+    out = torch.empty_like(x)
+    for n, c in _positions(x.shape[:2]):
+        values = x[n, c]
+        nu2 = (values * values).mean()
+        y = gamma[c] * values / torch.sqrt(nu2 + eps) + beta[c]
+        out[n, c] = y if tau is None else torch.maximum(y, tau[c])
+    return out
+
+
+FRN_SETTINGS = [
+    ((3, 4), {}),
+    ((2, 4, 7), {"tlu": False}),
+    ((2, 4, 3, 5), {}),
+    ((2, 4, 3, 5), {"learn_eps": True, "eps": 0.05}),
+    ((2, 4, 1, 1), {"eps": 1e-3}),
+]
+
+
+@pytest.mark.parametrize(("shape", "overrides"), FRN_SETTINGS, ids=str)
+def test_frn_forward_and_gradients_equal_the_loop(shape, overrides):
+    """Outputs and the gradients of the input, gamma, beta, tau and a learned eps (entering
+    as ``|eps_l|``, started negative) against the loop; with exact ties ``y == tau`` (zero
+    inputs where beta == tau), where torch.maximum gives each side half the gradient."""
+    torch.manual_seed(1)
+    norm = build_norm("frn", 4, **overrides).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        if norm.tau is not None:
+            norm.tau.uniform_(-0.3, 0.3)
+            norm.tau[0] = norm.bias[0]  # channel 0: ties where x == 0
+        if norm.learn_eps:
+            norm.raw_eps.neg_()
+    x = torch.randn(shape, dtype=torch.float64) + 0.3
+    x[:, 0].view(shape[0], -1)[:, ::2] = 0.0
+    x.requires_grad_()
+    params = [p for p in (norm.weight, norm.bias, norm.tau) if p is not None]
+    if norm.learn_eps:
+        params.append(norm.raw_eps)
+    refs = [p.detach().clone().requires_grad_() for p in params]
+    eps = refs[-1].abs() if norm.learn_eps else overrides.get("eps", 1e-6)
+    x_ref = x.detach().clone().requires_grad_()
+    tau = refs[2] if norm.tau is not None else None
+    want = _frn_torch_loop(x_ref, refs[0], refs[1], tau, eps)
+    y = norm(x)
+    torch.testing.assert_close(y, want, **TIGHT)
+    if norm.tau is not None:
+        assert (y[:, 0] == norm.tau[0]).any()  # the ties are there
+    probe = torch.randn_like(y)
+    got = torch.autograd.grad((y * probe).sum(), [x, *params])
+    expected = torch.autograd.grad((want * probe).sum(), [x_ref, *refs])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TIGHT)
+
+
 # ---------------------------------------------------------------- gdn / igdn
 
 
@@ -192,6 +250,50 @@ def test_gdn_equals_the_direct_loop_with_learned_parameters(name, shape):
     assert not np.allclose(gamma, np.diag(np.diag(gamma)))  # cross-channel terms matter
     x = 2 * torch.randn(shape, dtype=torch.float64)
     torch.testing.assert_close(norm(x), _gdn_loop(x, beta, gamma, name == "igdn"), **TIGHT)
+
+
+def _gdn_torch_loop(x, raw_beta, raw_gamma, inverse, beta_min, offset=2**-18):
+    """Balle et al.'s sum, channel by channel and position by position in differentiable
+    torch scalars, of CompressAI's ``max(p, bound)^2 - pedestal`` (parameters above their
+    bounds, where its gradient is clamp's)."""
+    pedestal = offset**2
+    beta = torch.clamp(raw_beta, min=math.sqrt(beta_min + pedestal)) ** 2 - pedestal
+    gamma = torch.clamp(raw_gamma, min=offset) ** 2 - pedestal
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    out = torch.empty_like(flat)
+    channels = x.shape[1]
+    for n, p, i in _positions((flat.shape[0], flat.shape[2], channels)):
+        total = beta[i]
+        for j in range(channels):
+            total = total + gamma[i, j] * flat[n, j, p] ** 2
+        out[n, i, p] = flat[n, i, p] * (torch.sqrt(total) if inverse else 1 / torch.sqrt(total))
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", ["gdn", "igdn"])
+@pytest.mark.parametrize(
+    ("shape", "beta_min"), [((3, 4), 1e-6), ((2, 4, 5), 0.2), ((2, 4, 3, 2), 1e-6)]
+)
+def test_gdn_forward_and_gradients_equal_the_loop(name, shape, beta_min):
+    """Outputs and the gradients of the input, ``raw_beta`` and ``raw_gamma`` against the
+    loop, with cross-channel weights."""
+    torch.manual_seed(2)
+    norm = build_norm(name, 4, beta_min=beta_min).double()
+    with torch.no_grad():
+        norm.raw_beta.uniform_(0.6, 1.5)
+        norm.raw_gamma.uniform_(0.05, 0.7)
+    x = (2 * torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    params = [norm.raw_beta, norm.raw_gamma]
+    refs = [p.detach().clone().requires_grad_() for p in params]
+    y = norm(x)
+    want = _gdn_torch_loop(x_ref, *refs, name == "igdn", beta_min)
+    torch.testing.assert_close(y, want, **TIGHT)
+    probe = torch.randn_like(y)
+    got = torch.autograd.grad((y * probe).sum(), [x, *params])
+    expected = torch.autograd.grad((want * probe).sum(), [x_ref, *refs])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TIGHT)
 
 
 def test_gdn_starts_as_compressai_does():
@@ -309,6 +411,65 @@ def test_lcn_threshold_and_a_constant_region():
     assert (y[0, :, 3:5, :4] == 0).all()
     y.square().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def _torch7_lcn_conv(x, kernel_size, threshold, thresval, mean_floor):
+    """Torch7's SpatialContrastiveNormalization in its convolution form, differentiable:
+    ``conv2d`` with the ones kernel over ``kernel_size * nInputPlane``, zero padded, divided by
+    the coefficient (the same convolution of ones), the std's square root divided by it,
+    ``nn.Threshold``; ``(N, C, L)`` as one row of positions."""
+    if x.ndim == 3:
+        y = _torch7_lcn_conv(x.unsqueeze(2), (1, kernel_size[-1]), threshold, thresval, mean_floor)
+        return y.squeeze(2)
+    kh, kw = kernel_size
+    kernel = torch.ones(1, x.shape[1], kh, kw, dtype=x.dtype) / (kh * kw * x.shape[1])
+
+    def conv(t):
+        return torch.nn.functional.conv2d(t, kernel, padding=(kh // 2, kw // 2))
+
+    coef = conv(torch.ones_like(x[:1]))
+    v = x - conv(x) / coef
+    std = torch.sqrt(conv(v * v)) / coef
+    if mean_floor:
+        std = torch.maximum(std, std.mean(dim=(2, 3), keepdim=True))
+    return v / torch.where(std > threshold, std, thresval)
+
+
+LCN_SETTINGS = [
+    ((2, 3, 6, 7), {"window": 3}),
+    ((2, 3, 4, 5), {"window": 7}),  # the window wider than the map: border everywhere
+    ((1, 3, 5, 6), {"window": (3, 5), "mean_floor": True}),
+    ((2, 3, 6, 6), {"window": 3, "threshold": 0.05, "thresval": 0.5}),
+    ((2, 3, 9), {"window": 5, "threshold": 0.05, "thresval": 2.0}),
+]
+
+
+@pytest.mark.parametrize(("shape", "overrides"), LCN_SETTINGS, ids=str)
+def test_lcn_forward_and_input_gradient_equal_torch7s_convolution_form(shape, overrides):
+    """Outputs and input gradients against Torch7's convolution form, at borders, with a
+    window wider than the map, ``mean_floor`` and thresholds that hold (a low-contrast band:
+    divided by ``thresval``)."""
+    torch.manual_seed(3)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    band = x[:, :, : shape[2] - 2]
+    band.copy_(3.0 + 1e-3 * torch.randn_like(band))  # low contrast, away from the last rows
+    x.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    settings = {"threshold": 1e-4, "thresval": 1e-4, "mean_floor": False, **overrides}
+    window = settings.pop("window")
+    kernel = window if isinstance(window, tuple) else (window, window)
+    y = build_norm("lcn", 3, window=window, **settings)(x)
+    want = _torch7_lcn_conv(x_ref, kernel, **settings)
+    torch.testing.assert_close(y, want, **TIGHT)
+    if settings["threshold"] > 1e-3:  # the threshold holds somewhere, not everywhere
+        probe_settings = {**settings, "thresval": 1e9}  # where it holds: v / 1e9, near 0
+        held = _torch7_lcn_conv(x_ref.detach(), kernel, **probe_settings).abs() < 1e-7
+        assert held.any() and not held.all()
+    probe = torch.randn_like(y)
+    (got,) = torch.autograd.grad((y * probe).sum(), x)
+    (expected,) = torch.autograd.grad((want * probe).sum(), x_ref)
+    scale = expected.abs().max().item()  # (the low-contrast band divides by a std ~1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * scale)
 
 
 # ---------------------------------------------------------------- gradcheck, float64
