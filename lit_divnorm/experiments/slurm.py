@@ -26,6 +26,7 @@ def slurm_script(
     time_limit: str | None = None,
     environment: str | None = None,
     partial: bool = False,
+    only: list[str | Path] | None = None,
 ) -> str:
     """A SLURM array job running one (config, seed) of ``config_dir`` per array task.
 
@@ -45,7 +46,8 @@ def slurm_script(
     (also its ``OMP_NUM_THREADS``); ``time_limit``: ``--time`` (``H:MM:SS``, e.g. from a dry
     run's estimate); ``environment``: a virtual environment folder (``source
     DIR/bin/activate``) or a conda environment name (``conda activate NAME``) to activate
-    first, then its ``python`` runs (else this interpreter); ``options``: extra ``#SBATCH``
+    first, then its ``python`` runs (else this interpreter); ``only``: these configs of the
+    folder; ``options``: extra ``#SBATCH``
     options, e.g. ``["--gres=gpu:1"]``.
     """
     seeds = check_seeds(seeds)
@@ -56,8 +58,16 @@ def slurm_script(
         ):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if time_limit is not None and not re.fullmatch(r"(\d+-)?\d+(:\d\d){0,2}", time_limit):
-        raise ValueError(f"time_limit must be SLURM's [D-]H[:MM[:SS]], got {time_limit!r}")
+        raise ValueError(
+            f"time_limit (--slurm-time) must be SLURM's [D-]H[:MM[:SS]], got {time_limit!r}"
+        )
     configs = [path.resolve() for path in find_configs(config_dir)]
+    if only:
+        chosen = {Path(path).resolve() for path in only}
+        unknown = sorted(str(path) for path in chosen - set(configs))
+        if unknown:
+            raise ValueError(f"only must name configs of {str(config_dir)!r}, got {unknown}")
+        configs = [config for config in configs if config in chosen]
     runs_dir = Path(runs_dir).resolve()
     python = shlex.quote(sys.executable) if environment is None else "python"
     seed_count = len(seeds) if seeds else 1

@@ -652,6 +652,7 @@ def _write_slurm_script(
         time_limit=time_limit,
         environment=options.slurm_env,
         partial=options.partial,
+        only=options.only,
     )
     Path(options.slurm).write_text(script)
     (Path(options.runs_dir) / "slurm").mkdir(parents=True, exist_ok=True)  # the job logs

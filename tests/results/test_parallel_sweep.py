@@ -264,7 +264,7 @@ def test_slurm_array_runs_each_config_and_seed(tmp_path):
         text=True,
     )
     assert f"--log-dir {log_dir} --" in again.stdout, again.stderr
-    with pytest.raises(ValueError, match="time_limit must be SLURM's"):
+    with pytest.raises(ValueError, match=r"time_limit \(--slurm-time\) must be SLURM's"):
         slurm_script(folder, runs, time_limit="soon")
 
 
@@ -281,3 +281,13 @@ def test_the_slurm_time_limit_comes_from_the_dry_run_estimate(tmp_path):
     runs = [planned(80000, 0.05), planned(50000, 0.05), planned(None, None)]
     assert slurm_time_limit(runs) == "1:55:00"
     assert slurm_time_limit([planned(None, None)]) is None
+
+
+def test_the_slurm_job_of_only_some_configs_runs_only_those(tmp_path):
+    folder = write_tiny_sweep(tmp_path, {"bn": "bn", "dn": "dn"})
+    script = slurm_script(folder, tmp_path / "runs", only=[folder / "dn.yaml"], seeds=[0, 1])
+    assert "#SBATCH --array=0-1" in script  # one config x two seeds
+    assert str((folder / "dn.yaml").resolve()) in script
+    assert str((folder / "bn.yaml").resolve()) not in script
+    with pytest.raises(ValueError, match="only must name configs of"):
+        slurm_script(folder, tmp_path / "runs", only=[tmp_path / "elsewhere.yaml"])

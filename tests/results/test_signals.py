@@ -56,6 +56,28 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint_safely(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
 
 
+def _start_until_paused(
+    command: list[str], env: dict[str, str], pauses: Path, runs: int
+) -> subprocess.Popen:
+    """Start ``command`` in its own process group (as a terminal job is) and wait until
+    ``runs`` of its runs wait at PAUSE_STEP (:class:`tests.scale.helpers.WaitForStop`)."""
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while len(list(pauses.glob("*.paused"))) < runs:
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the runs never reached the pause step"
+        time.sleep(0.1)
+    return process
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The reference: the same sweep, never signalled."""
@@ -81,20 +103,8 @@ def test_a_signalled_sweep_stops_its_runs_resumable_and_continues_them(
     folder = _sweep_folder(tmp_path)
     runs, results, pauses = tmp_path / "runs", tmp_path / "results", tmp_path / "pauses"
     pauses.mkdir()
-    sweep = subprocess.Popen(
-        _sweep(folder, runs, results),
-        cwd=REPO_ROOT,
-        env=_env(LIT_DIVNORM_TEST_PAUSE=str(pauses)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal job is
-    )
-    deadline = time.monotonic() + 240
-    while len(list(pauses.glob("*.paused"))) < 2:
-        assert sweep.poll() is None, sweep.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "the runs never reached the pause step"
-        time.sleep(0.1)
+    env = _env(LIT_DIVNORM_TEST_PAUSE=str(pauses))
+    sweep = _start_until_paused(_sweep(folder, runs, results), env, pauses, runs=2)
     if signum == signal.SIGINT:
         os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C reaches the sweep and every run
     else:
@@ -161,14 +171,7 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues_the_job(tmp_path):
         str(folder / "dn_star.yaml"),
     ]
     command += ["--log-dir", str(run_dir), "--results-dir", "none"]
-    run = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 180
-    while not list(pauses.glob("*.paused")):
-        assert run.poll() is None, run.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "the run never reached the pause step"
-        time.sleep(0.1)
+    run = _start_until_paused(command, env, pauses, runs=1)
     run.send_signal(signal.SIGUSR1)  # SLURM's --signal=SIGUSR1@120 before the time limit
     output, _ = run.communicate(timeout=120)
     assert run.returncode == 128 + signal.SIGUSR1, output[-3000:]
